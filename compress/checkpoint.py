@@ -1,0 +1,120 @@
+"""Ready-to-serve checkpoints: written to a temporary folder, checked, then renamed into place.
+
+A checkpoint directory that exists under its final name is complete: weights (compressed-tensors safetensors for
+quantized variants), config.json with `quantization_config`, tokenizer, generation config, llm-compressor's
+recipe.yaml, the compress recipe for this variant, a model card, and last `manifest.json` with the sha256 and size
+of every other file. The rename is atomic on one filesystem, so a run killed at any point leaves either the old
+complete checkpoint or none, plus a `.tmp-*` folder that the next run deletes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def new_staging_dir(output: Path, name: str) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=output))
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be read by a server's user
+    return staging
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Delete what an interrupted run left half written."""
+    if output.is_dir():
+        for p in output.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def save_model(model, tokenizer, staging: Path, quantized: bool) -> None:
+    # save_compressed=True packs int4 weights 8 per int32 and stores scales; llm-compressor patches
+    # save_pretrained to write the compressed-tensors quantization_config into config.json.
+    if quantized:
+        model.save_pretrained(staging, save_compressed=True)
+    else:
+        model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None and not (staging / "generation_config.json").exists():
+        model.generation_config.save_pretrained(staging)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finalize(staging: Path, dest: Path, cache_key: str, record: dict) -> dict:
+    """Write the manifest last, then rename staging -> dest. Sets record["size_bytes"] (all files but the manifest)
+    and stores the record in the manifest, so results.json can be rebuilt from the checkpoints alone."""
+    files = {p.name: {"size_bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
+    record["size_bytes"] = sum(f["size_bytes"] for f in files.values())
+    manifest = {"cache_key": cache_key, "complete": True, "files": files, "size_bytes": record["size_bytes"],
+                "record": record}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if dest.exists():  # an older complete checkpoint with another cache key: replace it
+        old = dest.with_name(f".tmp-old-{dest.name}")
+        os.replace(dest, old)
+        os.replace(staging, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, dest)
+    return manifest
+
+
+def weights_size_bytes(folder: Path) -> int:
+    """Bytes of the weight files on disk (what a server reads), excluding tokenizer and cards."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def verify(dest: Path, cache_key: str) -> dict | None:
+    """The manifest if `dest` is a complete checkpoint for `cache_key` whose files are intact, else None."""
+    try:
+        manifest = json.loads((dest / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("cache_key") != cache_key or not manifest.get("complete"):
+        return None
+    for name, meta in manifest["files"].items():
+        p = dest / name
+        if not p.is_file() or p.stat().st_size != meta["size_bytes"] or _sha256(p) != meta["sha256"]:
+            return None
+    return manifest
+
+
+def reference_logits(model, tokenizer, prompts: list[str]) -> list:
+    """Logits of the in-memory model on each prompt (kept on CPU in fp32 for the comparison)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+            out.append(model(**ids).logits.float().cpu())
+    return out
+
+
+def selfcheck(folder: Path, prompts: list[str], reference: list, device: str, dtype) -> float:
+    """Reload the checkpoint from disk with plain transformers; max |logit difference| against `reference`.
+
+    This is the check a user's `from_pretrained` would do: if compression, packing or the config were wrong, the
+    reloaded model would disagree with the model we evaluated in memory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    got = reference_logits(model, tokenizer, prompts)
+    del model
+    return max(float((a - b).abs().max()) for a, b in zip(got, reference, strict=True))

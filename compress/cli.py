@@ -1,0 +1,46 @@
+"""`compress run RECIPE.yaml [--dry-run]`: the one command users run.
+
+Exit codes: 0 every variant ok, 1 some variant failed (the others are still written), 2 bad input (nothing
+written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from compress.recipe import InputError, load_recipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build (or reuse) every variant's checkpoint and write results.json")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    plan = sub.add_parser("plan", help="same as `run --dry-run`")
+    plan.add_argument("recipe", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s compress %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        recipe = load_recipe(args.recipe)
+        from compress import pipeline
+
+        if args.command == "plan" or args.dry_run:
+            print(json.dumps(pipeline.plan(recipe, args.recipe), indent=2))
+            return 0
+        return pipeline.run(recipe, args.recipe)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed variants are kept; run the same command again to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,80 @@
+"""CPU settings that hold on any machine, and the environment block every result carries.
+
+On a 2-core CPU, thread oversubscription is the main cause of slow compression: PyTorch's intra-op pool, its
+inter-op pool, the tokenizer's Rust threads and a BLAS pool can each start one thread per core. A GPTQ job that took
+~87 s on a quiet machine took 5-10x longer when another process held the second core. So: intra-op threads = the
+cores this process may actually use, one inter-op thread, no tokenizer parallelism, and a warning when the machine
+is already busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+log = logging.getLogger("compress")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def configure_cpu() -> int:
+    """Set thread pools before any torch work. Returns the intra-op thread count."""
+    cores = available_cores()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(cores))
+    import torch
+
+    threads = int(os.environ.get("COMPRESS_THREADS", cores))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process (e.g. tests)
+        pass
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load1 > 0.5 * cores:
+        log.warning("the machine is busy (1-min load %.1f on %d cores): CPU compression can be several times "
+                    "slower; fewer threads (COMPRESS_THREADS=1) can help", load1, cores)
+    return threads
+
+
+def environment(device: str, dtype) -> dict:
+    import compressed_tensors
+    import llmcompressor
+    import torch
+    import transformers
+
+    import compress
+
+    env = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or
+                                                                                platform.machine()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "compress": compress.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "llmcompressor": llmcompressor.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+    }
+    if device == "cpu":
+        env["device_name"] = _cpu_model() or env["device_name"]
+    return env
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

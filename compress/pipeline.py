@@ -1,0 +1,210 @@
+"""The run: check inputs, then build each variant's checkpoint, skipping those already built with the same inputs.
+
+Stages per variant: load a fresh model -> quantize (llm-compressor) -> reference logits -> save to a staging folder
+-> reload from disk and compare logits (self-check) -> model card + manifest -> rename into place -> results.json.
+
+Caching: a variant's cache key hashes everything that decides its weights (model fingerprint, variant settings,
+calibration source digest and window shape, compute device/dtype, library versions). A complete checkpoint whose
+manifest carries the same key and whose files still match their sha256 is reused, so a second run is a no-op and a
+killed run continues with the first variant it had not finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from compress import calibration as calib
+from compress import checkpoint
+from compress.card import model_card, serve_command
+from compress.load import Source, load_config, load_model, resolve_device_dtype, resolve_source
+from compress.recipe import InputError, Recipe, Variant
+
+log = logging.getLogger("compress")
+
+RESULTS = "results.json"
+
+
+class SelfCheckError(RuntimeError):
+    pass
+
+
+def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
+    """Everything that can be checked without loading weights. Raises InputError."""
+    source = resolve_source(recipe.model, prepare=prepare)
+    if recipe.calibration is not None:
+        calib.check_source(recipe.calibration)
+    resolve_device_dtype(recipe.model)
+    check_group_sizes(recipe, recipe_path, load_config(source))
+    return source
+
+
+def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
+    from compress.quantize import quantized_input_widths
+
+    errors = []
+    for i, v in enumerate(recipe.variants):
+        if not v.group_size:
+            continue
+        widths = quantized_input_widths(config, v.ignore)
+        bad = {name: w for name, w in widths.items() if w % v.group_size}
+        if bad:
+            name, w = next(iter(bad.items()))
+            ok = [g for g in (32, 64, 128, 256) if all(x % g == 0 for x in widths.values())]
+            errors.append(f"{recipe_path}: {recipe.field_path(i, 'group_size')}: {v.group_size} does not divide the input width "
+                          f"of {len(bad)} layers (e.g. {name}: {w}); expected a divisor of every quantized width "
+                          f"{sorted(set(widths.values()))}, such as {ok or 'none of 32/64/128/256: use per-channel'}")
+    if errors:
+        raise InputError("\n".join(errors))
+
+
+def _calibration_settings(recipe: Recipe, v: Variant) -> dict | None:
+    if not v.calibrated:
+        return None
+    cal = recipe.calibration
+    return {"source": cal.source, "text_field": cal.text_field, "split": cal.split, "seed": cal.seed,
+            "samples": v.samples or cal.samples, "seq_len": v.seq_len or cal.seq_len}
+
+
+def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, versions: dict) -> str:
+    cal = _calibration_settings(recipe, v)
+    if cal is not None:
+        cal = {**cal, "digest": calib.file_digest(recipe.calibration)}
+    blob = {"model": source.fingerprint, "variant": v.model_dump(), "calibration": cal, "device": device,
+            "dtype": str(dtype), "selfcheck": recipe.evaluation.model_dump(), "versions": versions}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plan(recipe: Recipe, recipe_path: Path) -> dict:
+    """What a run would do, without loading weights (the --dry-run output)."""
+    source = check_inputs(recipe, recipe_path, prepare=False)
+    device, dtype = resolve_device_dtype(recipe.model)
+    rows = []
+    for v in recipe.variants:
+        cal = _calibration_settings(recipe, v)
+        rows.append({"name": v.name, "method": v.method, "scheme": v.scheme, "ignore": v.ignore,
+                     "calibration": f"{cal['samples']} x {cal['seq_len']} tokens of {cal['source']}" if cal else None,
+                     "checkpoint": str(Path(recipe.output) / v.name)})
+    return {"model": source.description, "note": source.note, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "output": recipe.output, "variants": rows}
+
+
+def run(recipe: Recipe, recipe_path: Path) -> int:
+    """Build every variant. Returns the exit code: 0 all ok, 1 some variant failed."""
+    from tqdm import tqdm
+
+    from compress.environment import configure_cpu, environment
+
+    configure_cpu()
+    log.info("stage check-inputs: %s", recipe_path)
+    source = check_inputs(recipe, recipe_path, prepare=True)
+    device, dtype = resolve_device_dtype(recipe.model)
+    env = environment(device, dtype)
+    versions = {k: env[k] for k in ("compress", "torch", "transformers", "llmcompressor", "compressed_tensors")}
+    output = Path(recipe.output)
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_staging(output)
+
+    source_info = {"kind": source.kind, "description": source.description, "path": source.path,
+                   "note": source.note}
+    records: dict[str, dict] = {}
+    windows: dict[tuple, list[list[int]]] = {}  # (samples, seq_len) -> token windows, tokenized once per run
+    failed = 0
+    bar = tqdm(recipe.variants, desc="variants", unit="variant")
+    for v in bar:
+        bar.set_postfix_str(v.name)
+        dest = output / v.name
+        key = cache_key(recipe, v, source, device, dtype, versions)
+        manifest = checkpoint.verify(dest, key)
+        if manifest is not None and manifest.get("record", {}).get("status") == "ok":
+            log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
+            records[v.name] = {**manifest["record"], "cached": True}
+        else:
+            try:
+                records[v.name] = build_variant(recipe, v, source, source_info, device, dtype, env, key, dest,
+                                                windows)
+            except (InputError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                failed += 1
+                log.error("variant %s FAILED: %s\n%s", v.name, e, traceback.format_exc())
+                records[v.name] = {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed",
+                                   "error": f"{type(e).__name__}: {e}", "checkpoint": None, "environment": env}
+        _write_json_atomic(output / RESULTS, {"recipe": str(recipe_path), "model": source_info, "environment": env,
+                                              "variants": list(records.values())})
+    log.info("stage done: %d variants, %d failed; results in %s", len(records), failed, output / RESULTS)
+    return 1 if failed else 0
+
+
+def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict, device: str, dtype, env: dict,
+                  key: str, dest: Path, windows: dict) -> dict:
+    import torch
+
+    output = dest.parent
+    log.info("stage load: %s for variant %s", source.description, v.name)
+    model, tok = load_model(source, device, dtype)
+    cal = _calibration_settings(recipe, v)
+    t0 = time.perf_counter()
+    if v.method != "baseline":
+        batch = None
+        if cal is not None:
+            shape = (cal["samples"], cal["seq_len"])
+            if shape not in windows:
+                log.info("stage calibration-data: packing %d x %d tokens from %s", *shape, cal["source"])
+                windows[shape] = calib.pack_token_windows(calib.load_texts(recipe.calibration), tok, *shape,
+                                                          seed=cal["seed"])
+            batch = windows[shape]
+            cal = {**cal, "tokens": shape[0] * shape[1], "windows_digest": calib.windows_digest(batch)}
+        from compress.quantize import compress_model
+
+        log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
+        compress_model(model, v, batch)
+    compress_seconds = time.perf_counter() - t0
+
+    prompts = recipe.evaluation.selfcheck_prompts
+    reference = checkpoint.reference_logits(model, tok, prompts)
+    staging = checkpoint.new_staging_dir(output, v.name)
+    try:
+        log.info("stage save: %s -> %s", v.name, dest)
+        checkpoint.save_model(model, tok, staging, quantized=v.method != "baseline")
+        del model
+        log.info("stage self-check: reloading %s from disk", v.name)
+        diff = checkpoint.selfcheck(staging, prompts, reference, device, dtype)
+        tolerance = recipe.evaluation.selfcheck_max_abs_diff
+        if not diff <= tolerance:  # also catches NaN
+            raise SelfCheckError(f"reloaded checkpoint disagrees with the in-memory model: max abs logit diff "
+                                 f"{diff:.4g} > {tolerance:g}")
+        saved_dtype = str(dtype).removeprefix("torch.")
+        (staging / "compress-recipe.yaml").write_text(yaml.safe_dump({
+            "model": recipe.model.model_dump(), "calibration": cal, "variant": v.model_dump()}, sort_keys=False))
+        record = {
+            "name": v.name, "method": v.method, "scheme": v.scheme, "bits": v.bits, "group_size": v.group_size,
+            "symmetric": v.symmetric, "ignore": v.ignore, "status": "ok", "checkpoint": str(dest),
+            "saved_dtype": saved_dtype, "weights_bytes": checkpoint.weights_size_bytes(staging),
+            "compress_seconds": round(compress_seconds, 2), "selfcheck_max_abs_diff": diff,
+            "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
+            "serve": serve_command(dest, saved_dtype), "environment": env,
+        }
+        (staging / "README.md").write_text(model_card(record, source_info, dest))
+        checkpoint.finalize(staging, dest, key, record)  # sets record["size_bytes"]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.scheme,
+             record["weights_bytes"] / 1e6, compress_seconds, diff)
+    return record

@@ -1,0 +1,216 @@
+"""The recipe: one YAML file that says which model, which calibration data, which variants, where to write.
+
+Every model here rejects unknown keys (`extra="forbid"`): a typo such as `group_szie` must fail loudly instead of
+silently falling back to a default and producing a checkpoint the user did not ask for. Validation happens in two
+steps, both before any weights are loaded:
+
+1. `load_recipe` parses the YAML and checks types, ranges and per-method rules (pure, no I/O beyond the file).
+2. `pipeline.check_inputs` checks the recipe against the world: the files it names exist and the group size
+   divides the width of every layer it will quantize (read from the model's config, not its weights).
+
+Either step raises `InputError` whose message names the file, the field path and what was expected; the CLI turns
+it into exit code 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+# What each method can do. Weight-only methods keep activations in 16 bits (A16); the two W8A8 methods also
+# quantize activations, dynamically per token, so they need 8-bit weights.
+METHOD_BITS: dict[str, tuple[int, ...]] = {
+    "baseline": (),
+    "rtn": (4, 8),
+    "gptq": (4, 8),
+    "awq": (4,),
+    "smoothquant-gptq": (8,),
+    "fp8": (8,),
+}
+CALIBRATED_METHODS = ("gptq", "awq", "smoothquant-gptq")
+GROUPED_METHODS = ("rtn", "gptq", "awq")  # methods whose weights may be quantized in groups along the input dim
+
+
+class InputError(Exception):
+    """Bad user input (recipe, file, model source). The CLI prints it and exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Where the model comes from and how it is computed while compressing."""
+
+    source: str = Field(EMBEDDED_MODEL, description="'smollm2-135m', a hub id, a local HF folder or a .gguf file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when source is a folder")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Calibration(_Strict):
+    """Text the calibrated methods (GPTQ, AWQ, SmoothQuant) observe. Never an evaluation split."""
+
+    source: str = Field(description="a .jsonl/.json/.txt file, or a hub dataset id")
+    text_field: str = "text"
+    split: str = "train"  # hub datasets only
+    samples: int = Field(64, gt=0)
+    seq_len: int = Field(512, gt=0)
+    seed: int = 0
+
+
+class Variant(_Strict):
+    """One row of the comparison table and one checkpoint directory."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    method: Literal["baseline", "rtn", "gptq", "awq", "smoothquant-gptq", "fp8"]
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    smoothing_strength: float | None = Field(None, gt=0, lt=1)
+    dampening_frac: float | None = Field(None, gt=0, lt=1)
+    samples: int | None = Field(None, gt=0)  # overrides calibration.samples for this variant
+    seq_len: int | None = Field(None, gt=0)  # overrides calibration.seq_len for this variant
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> "Variant":
+        allowed = METHOD_BITS[self.method]
+        if self.method == "baseline":
+            extra = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac",
+                                 "samples", "seq_len") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"the baseline takes no quantization settings, remove {extra}")
+            return self
+        if self.bits is None:
+            self.bits = allowed[0]
+        elif self.bits not in allowed:
+            raise _field_error("bits", f"method {self.method!r} supports bits in {list(allowed)}, got {self.bits}")
+        if self.group_size is not None:
+            if self.method not in GROUPED_METHODS:
+                raise _field_error("group_size", f"method {self.method!r} quantizes weights per channel; "
+                                                 f"remove group_size (got {self.group_size})")
+            if self.group_size <= 0 or self.group_size & (self.group_size - 1):
+                raise _field_error("group_size", f"expected a power of two such as 32, 64 or 128, "
+                                                 f"got {self.group_size}")
+        if self.symmetric is None:
+            self.symmetric = self.method != "awq"  # AWQ's scales pair with zero points (llm-compressor W4A16_ASYM)
+        elif not self.symmetric and self.method in ("smoothquant-gptq", "fp8"):
+            raise _field_error("symmetric", f"method {self.method!r} needs symmetric weights (vLLM's W8A8 kernels)")
+        if self.smoothing_strength is not None and self.method != "smoothquant-gptq":
+            raise _field_error("smoothing_strength", "only method 'smoothquant-gptq' takes smoothing_strength")
+        if self.dampening_frac is not None and self.method not in ("gptq", "smoothquant-gptq"):
+            raise _field_error("dampening_frac", "only the GPTQ methods take dampening_frac")
+        if (self.samples or self.seq_len) and self.method not in CALIBRATED_METHODS:
+            raise ValueError(f"method {self.method!r} uses no calibration data; remove samples/seq_len")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    @property
+    def scheme(self) -> str:
+        """The scheme's conventional name, as vLLM and llm-compressor docs call it."""
+        if self.method == "baseline":
+            return "unquantized"
+        if self.method == "fp8":
+            return "FP8-dynamic"
+        if self.method == "smoothquant-gptq":
+            return "W8A8-INT8"
+        group = f"-g{self.group_size}" if self.group_size else "-channel"
+        return f"W{self.bits}A16{group}{'' if self.symmetric else '-asym'}"
+
+
+class Evaluation(_Strict):
+    """How each saved checkpoint is checked. The evaluation issue adds accuracy, perplexity and throughput here."""
+
+    selfcheck_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "def fibonacci(n):",
+            "In 1969, the first humans landed on",
+        ],
+        min_length=1,
+    )
+    selfcheck_max_abs_diff: float = Field(1e-3, ge=0)  # reloaded vs in-memory logits
+
+
+class Recipe(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: Calibration | None = None
+    variants: list[Variant] = Field(min_length=1)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    output: str
+
+    _baseline_added: bool = PrivateAttr(False)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names_one_baseline(cls, variants: list[Variant]) -> list[Variant]:
+        names = [v.name for v in variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique, repeated: {dupes}")
+        if sum(v.method == "baseline" for v in variants) > 1:
+            raise ValueError("at most one variant may have method 'baseline'")
+        return variants
+
+    @model_validator(mode="after")
+    def _calibration_when_needed(self) -> "Recipe":
+        needing = [v.name for v in self.variants if v.calibrated]
+        if needing and self.calibration is None:
+            raise ValueError(f"variants {needing} are calibrated methods; add a `calibration:` section")
+        if not any(v.method == "baseline" for v in self.variants):  # every table has its reference row
+            self.variants.insert(0, Variant(name="baseline", method="baseline"))
+            self._baseline_added = True
+        return self
+
+    def field_path(self, variant_index: int, field: str) -> str:
+        """`variants[i].field` as the user's file numbers it (the automatic baseline row is not in the file)."""
+        return f"variants[{variant_index - self._baseline_added}].{field}"
+
+
+def _field_error(field: str, msg: str) -> ValueError:
+    return ValueError(f"{field}: {msg}")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file, or raise InputError naming the file and each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping with keys model, calibration, variants, evaluation, output")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = _loc(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see recipes/ for the accepted keys)"
+            got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
+            if err["type"] == "value_error" and ":" in msg and msg.split(":")[0].isidentifier():
+                field, msg = msg.split(":", 1)
+                where, msg, got = f"{where}.{field}", msg.strip(), ""
+            lines.append(f"{path}: {where}: {msg}{got}")
+        raise InputError("\n".join(lines)) from None

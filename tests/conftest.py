@@ -1,0 +1,73 @@
+"""Fixtures: a tiny random Llama with a tokenizer trained here, so no test downloads anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point weights to a few integer levels and a scale.",
+    "A calibration set shows the model typical inputs so that errors are measured where they matter.",
+    "def add(a, b):\n    return a + b",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+] * 4
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads) and a byte-level BPE tokenizer, saved to folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-init weights so quantization error is visible in the logits
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT * 5))
+    return path
+
+
+def write_recipe(tmp_path: Path, tiny_model: Path, calib_file: Path, variants: list[dict], **extra) -> Path:
+    """recipes/tiny.yaml with the model, calibration file and output pointed at this test's files."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    recipe["model"]["source"] = str(tiny_model)
+    recipe["calibration"]["source"] = str(calib_file)
+    recipe["output"] = str(tmp_path / "run")
+    recipe["variants"] = variants
+    recipe.update(extra)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

@@ -1,0 +1,81 @@
+"""Recipe validation: good recipes parse, bad ones fail naming the file, the field path and what was expected."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.recipe import InputError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _base(**over) -> dict:
+    data = {"model": {"source": "smollm2-135m"},
+            "calibration": {"source": "c.jsonl", "samples": 8, "seq_len": 64},
+            "variants": [{"name": "gptq", "method": "gptq", "bits": 4, "group_size": 64}],
+            "output": "runs/x"}
+    data.update(over)
+    return data
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "llama8b-awq.yaml", "tiny.yaml"])
+def test_shipped_recipes_parse(name):
+    recipe = load_recipe(ROOT / "recipes" / name)
+    assert recipe.variants[0].method == "baseline"
+
+
+def test_baseline_row_is_added_and_defaults_filled(tmp_path):
+    recipe = load_recipe(_write(tmp_path, _base()))
+    assert [v.name for v in recipe.variants] == ["baseline", "gptq"]
+    gptq = recipe.variants[1]
+    assert gptq.symmetric is True and gptq.ignore == ["lm_head"] and gptq.scheme == "W4A16-g64"
+    awq = load_recipe(_write(tmp_path, _base(variants=[{"name": "a", "method": "awq", "group_size": 64}])))
+    assert awq.variants[1].bits == 4 and awq.variants[1].symmetric is False
+
+
+@pytest.mark.parametrize("data, where, expected", [
+    (_base(extra_key=1), "extra_key", "unknown key"),
+    (_base(model={"source": "smollm2-135m", "dtyp": "float32"}), "model.dtyp", "unknown key"),
+    (_base(variants=[{"name": "g", "method": "gptq", "group_szie": 64}]), "variants[0].group_szie", "unknown key"),
+    (_base(variants=[{"name": "g", "method": "gptq", "bits": 3}]), "variants[0].bits", "bits in [4, 8]"),
+    (_base(variants=[{"name": "g", "method": "awq", "bits": 8}]), "variants[0].bits", "bits in [4]"),
+    (_base(variants=[{"name": "g", "method": "hqq"}]), "variants[0].method", "'gptq'"),
+    (_base(variants=[{"name": "g", "method": "gptq", "group_size": "big"}]), "variants[0].group_size",
+     "valid integer"),
+    (_base(variants=[{"name": "g", "method": "gptq", "group_size": 96}]), "variants[0].group_size", "power of two"),
+    (_base(variants=[{"name": "f", "method": "fp8", "group_size": 64}]), "variants[0].group_size", "per channel"),
+    (_base(variants=[{"name": "s", "method": "smoothquant-gptq", "symmetric": False}]), "variants[0].symmetric",
+     "symmetric"),
+    (_base(calibration={"source": "c.jsonl", "samples": 0}), "calibration.samples", "greater than 0"),
+    (_base(calibration=None), "(top level)", "add a `calibration:` section"),
+    (_base(variants=[{"name": "a", "method": "rtn"}, {"name": "a", "method": "fp8"}]), "variants", "unique"),
+    (_base(variants=[{"name": "bad name", "method": "rtn"}]), "variants[0].name", "pattern"),
+    (_base(variants=[{"name": "b", "method": "baseline", "bits": 4}]), "variants[0]", "no quantization settings"),
+    ({"model": {}, "variants": [{"name": "r", "method": "rtn"}]}, "output", "Field required"),
+])
+def test_bad_recipe_names_file_field_and_expectation(tmp_path, data, where, expected):
+    path = _write(tmp_path, data)
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: {where}:"), msg
+    assert expected in msg, msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(InputError, match="expected a mapping"):
+        load_recipe(bad)
