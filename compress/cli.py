@@ -1,4 +1,4 @@
-"""`compress run RECIPE.yaml [--dry-run]`: the one command users run.
+"""`compress run RECIPE.yaml [--dry-run]`, `compress plan RECIPE.yaml`, `compress report RUN_DIR [...]`.
 
 Exit codes: 0 every variant ok, 1 some variant failed (the others are still written), 2 bad input (nothing
 written).
@@ -21,8 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build (or reuse) every variant's checkpoint and write results.json")
     run.add_argument("recipe", type=Path)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
-    plan = sub.add_parser("plan", help="same as `run --dry-run`")
+    plan = sub.add_parser("plan", help="the plan and the GPU memory planner (weights + KV per GPU); no weights loaded")
     plan.add_argument("recipe", type=Path)
+    report = sub.add_parser("report", help="rebuild report.md/.html and results.csv from one or more run directories")
+    report.add_argument("runs", nargs="+", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="where the merged report goes (needed for 2+ runs)")
     return p
 
 
@@ -30,12 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s compress %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    if args.command == "report":
+        from compress.report import main_report
+
+        return main_report(args.runs, args.out)
     try:
         recipe = load_recipe(args.recipe)
         from compress import pipeline
 
         if args.command == "plan" or args.dry_run:
-            print(json.dumps(pipeline.plan(recipe, args.recipe), indent=2))
+            plan = pipeline.plan(recipe, args.recipe)
+            print(plan.pop("memory_plan_table"), file=sys.stderr)  # the human table; JSON last on stdout
+            print(json.dumps(plan, indent=2))
             return 0
         return pipeline.run(recipe, args.recipe)
     except InputError as e:

@@ -45,12 +45,9 @@ def configure_cpu() -> int:
 
 
 def environment(device: str, dtype) -> dict:
-    import compressed_tensors
-    import llmcompressor
-    import torch
-    import transformers
+    from importlib.metadata import version
 
-    import compress
+    import torch
 
     env = {
         "device": device,
@@ -59,11 +56,12 @@ def environment(device: str, dtype) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "compress": compress.__version__,
+        "compress": version("compress"),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "llmcompressor": llmcompressor.__version__,
-        "compressed_tensors": compressed_tensors.__version__,
+        "transformers": version("transformers"),
+        "llmcompressor": version("llmcompressor"),
+        "compressed_tensors": version("compressed-tensors"),
+        "lm_eval": version("lm-eval"),
     }
     if device == "cpu":
         env["device_name"] = _cpu_model() or env["device_name"]

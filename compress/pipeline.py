@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from compress import calibration as calib
-from compress import checkpoint
+from compress import checkpoint, evaluate
 from compress.card import model_card, serve_command
 from compress.load import Source, load_config, load_model, resolve_device_dtype, resolve_source
 from compress.recipe import InputError, Recipe, Variant
@@ -42,6 +42,7 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
     source = resolve_source(recipe.model, prepare=prepare)
     if recipe.calibration is not None:
         calib.check_source(recipe.calibration)
+    evaluate.check_inputs(recipe.evaluation)
     resolve_device_dtype(recipe.model)
     check_group_sizes(recipe, recipe_path, load_config(source))
     return source
@@ -90,9 +91,14 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def plan(recipe: Recipe, recipe_path: Path) -> dict:
-    """What a run would do, without loading weights (the --dry-run output)."""
+    """What a run would do, and whether each variant fits on common GPUs, without loading weights (--dry-run)."""
+    from compress.planner import format_plan, plan_rows
+
     source = check_inputs(recipe, recipe_path, prepare=False)
     device, dtype = resolve_device_dtype(recipe.model)
+    p = recipe.evaluation.planner
+    memory = plan_rows(load_config(source), [(v.name, v.bits or 16, v.group_size) for v in recipe.variants],
+                       context=p.context, batch=p.batch, headroom=p.headroom)
     rows = []
     for v in recipe.variants:
         cal = _calibration_settings(recipe, v)
@@ -100,7 +106,8 @@ def plan(recipe: Recipe, recipe_path: Path) -> dict:
                      "calibration": f"{cal['samples']} x {cal['seq_len']} tokens of {cal['source']}" if cal else None,
                      "checkpoint": str(Path(recipe.output) / v.name)})
     return {"model": source.description, "note": source.note, "device": device,
-            "dtype": str(dtype).removeprefix("torch."), "output": recipe.output, "variants": rows}
+            "dtype": str(dtype).removeprefix("torch."), "output": recipe.output, "variants": rows,
+            "memory_plan": memory, "memory_plan_table": format_plan(memory)}
 
 
 def run(recipe: Recipe, recipe_path: Path) -> int:
@@ -144,9 +151,24 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
                 log.error("variant %s FAILED: %s\n%s", v.name, e, traceback.format_exc())
                 records[v.name] = {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed",
                                    "error": f"{type(e).__name__}: {e}", "checkpoint": None, "environment": env}
-        _write_json_atomic(output / RESULTS, {"recipe": str(recipe_path), "model": source_info, "environment": env,
-                                              "variants": list(records.values())})
-    log.info("stage done: %d variants, %d failed; results in %s", len(records), failed, output / RESULTS)
+        results = {"recipe": str(recipe_path), "model": source_info, "environment": env,
+                   "variants": list(records.values())}
+        _write_json_atomic(output / RESULTS, results)
+    if recipe.evaluation.enabled:
+        try:
+            results.update(evaluate.evaluate_run(recipe, output, records, device, dtype))
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            failed += 1
+            log.error("evaluation FAILED: %s\n%s", e, traceback.format_exc())
+            results["evaluation_error"] = f"{type(e).__name__}: {e}"
+        _write_json_atomic(output / RESULTS, results)
+    from compress.report import write_report
+
+    paths = write_report(results, output)
+    log.info("stage done: %d variants, %d failed; results in %s, report in %s", len(records), failed,
+             output / RESULTS, paths["md"])
     return 1 if failed else 0
 
 

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 
 from compress.recipe import Variant
 
 try:
+    # llm-compressor's logger writes to whatever sys.stdout is when it is imported, and it logs during import;
+    # stdout is where `compress plan` prints its JSON, so let it bind to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr):
+        import llmcompressor  # noqa: F401
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier

