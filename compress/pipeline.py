@@ -80,7 +80,8 @@ def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, ve
     if cal is not None:
         cal = {**cal, "digest": calib.file_digest(recipe.calibration)}
     blob = {"model": source.fingerprint, "variant": v.model_dump(), "calibration": cal, "device": device,
-            "dtype": str(dtype), "selfcheck": recipe.evaluation.model_dump(), "versions": versions}
+            "dtype": str(dtype), "versions": versions,
+            "selfcheck": recipe.evaluation.model_dump(include={"selfcheck_prompts", "selfcheck_max_abs_diff"})}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
