@@ -47,7 +47,9 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         f"| self-check: max abs logit diff, reloaded vs in-memory ({record['selfcheck_prompts']} prompts) | "
         f"{record['selfcheck_max_abs_diff']:.3g} |",
         "",
-        "Accuracy, perplexity and throughput are in the run's report (results.json next to this folder).",
+        *_evaluation_rows(record),
+        "",
+        "The run's report.md / report.html next to this folder compares every variant side by side.",
         "",
         "## Serve",
         "",
@@ -62,3 +64,31 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _evaluation_rows(record: dict) -> list[str]:
+    """Table rows for the figures the evaluation stage measured on this checkpoint (none before it has run)."""
+    rows = []
+    if p := record.get("perplexity"):
+        rows.append(f"| perplexity, `{Path(p['file']).name}` ({p['windows']} windows x {p['context']} tokens, stride "
+                    f"{p['stride']}, {p['tokens']:,} tokens) | {p['value']:.3f} |")
+    if (kl := record.get("kl")) and record["method"] != "baseline":
+        rows.append(f"| KL divergence from the baseline, same tokens (nats/token) | {kl['mean']:.4f} "
+                    f"± {kl['stderr']:.4f} |")
+        rows.append(f"| top-1 agreement with the baseline | {100 * kl['top1_agreement']:.1f} % |")
+    for task, t in (record.get("tasks") or {}).items():
+        score = f"{t['value']:.4g}" if t["metric"] == "word_perplexity" else f"{100 * t['value']:.1f} %"
+        err = "" if t.get("stderr") is None else (f" ± {100 * t['stderr']:.1f}" if t["metric"] != "word_perplexity"
+                                                   else f" ± {t['stderr']:.3g}")
+        rows.append(f"| {task} {t['metric']} (lm-eval, {t['num_fewshot']}-shot, n = {t['n']}) | {score}{err} |")
+    if avg := (record.get("recovery") or {}).get("average"):
+        ci = avg.get("ci95")
+        ci_text = f" [{ci[0]:.1f}, {ci[1]:.1f}] (95% CI, paired bootstrap)" if ci else ""
+        rows.append(f"| average recovery of the baseline's task scores | {avg['pct']:.1f} %{ci_text} |")
+    if th := record.get("throughput"):
+        one = th["batches"].get("1")
+        if one:
+            rows.append(f"| decode, batch 1 ({th['engine']}, {th['device']}, {th['dtype']}) | "
+                        f"{one['tok_per_sec']:.1f} tok/s, TTFT {1000 * one['ttft_s']:.0f} ms |")
+        rows.append(f"| peak memory ({th['memory_kind']}) | {th['peak_memory_bytes'] / 1e6:.0f} MB |")
+    return rows

@@ -164,6 +164,11 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
             failed += 1
             log.error("evaluation FAILED: %s\n%s", e, traceback.format_exc())
             results["evaluation_error"] = f"{type(e).__name__}: {e}"
+        for record in records.values():  # the model cards gain the figures just measured
+            folder = Path(record["checkpoint"] or "")
+            if record["status"] == "ok" and {"perplexity", "tasks", "throughput"} & set(record):
+                checkpoint.refresh_card(folder, model_card(record, source_info, folder))
+                record["size_bytes"] = json.loads((folder / checkpoint.MANIFEST).read_text())["size_bytes"]
         _write_json_atomic(output / RESULTS, results)
     from compress.report import write_report
 

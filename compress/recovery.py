@@ -9,6 +9,8 @@ every task in each replicate and averages the per-task ratios, so its CI carries
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -39,7 +41,9 @@ def recovery(tasks_base: dict[str, list[float]], tasks_variant: dict[str, list[f
         reps.append(r)
         out[task] = {"pct": float(100.0 * variant.mean() / base.mean()), "ci95": _ci95(r)}
     if reps:
-        avg = np.nanmean(np.stack(reps), axis=0)
+        with warnings.catch_warnings():  # a replicate whose every task resampled a zero baseline stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            avg = np.nanmean(np.stack(reps), axis=0)
         out["average"] = {"pct": float(np.mean([v["pct"] for v in out.values()])),
                           "ci95": _ci95(avg)}
     return out

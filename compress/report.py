@@ -593,7 +593,8 @@ def plot_recovery(rows: list[dict], colours: dict, tasks: list[str], results: di
                  lambda v: 0, sy)
     for gi, g in enumerate(groups):
         cx = LEFT + group_w * (gi + 0.5)
-        out.append(f'<text x="{cx:.1f}" y="{H - BOTTOM + 16}" text-anchor="middle">{_e(g)}</text>')
+        y = H - BOTTOM + (14 if gi % 2 == 0 else 27)  # staggered: long task names side by side stay readable
+        out.append(f'<text x="{cx:.1f}" y="{y}" text-anchor="middle">{_e(g)}</text>')
         for ni, n in enumerate(names):
             if (n, g) not in bars:
                 continue

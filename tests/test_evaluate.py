@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compress import evaluate, pipeline
+from compress import checkpoint, pipeline
 from compress.cli import main
 from compress.recipe import load_recipe
 from conftest import TEXT, write_recipe
@@ -54,6 +54,11 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
         assert 0 < v["roofline"]["utilisation"]
     for f in ("report.md", "results.csv", "report.html"):
         assert (tmp_path / "run" / f).is_file()
+    card = (tmp_path / "run" / "rtn-w4" / "README.md").read_text()
+    assert "| perplexity, `text.raw`" in card and "KL divergence from the baseline" in card
+    assert "arc_easy acc (lm-eval, 0-shot, n = 20)" in card and "tok/s" in card
+    manifest = json.loads((tmp_path / "run" / "rtn-w4" / "manifest.json").read_text())
+    assert checkpoint.verify(tmp_path / "run" / "rtn-w4", manifest["cache_key"])  # card refreshed, manifest too
 
     measured = []
     from compress import perplexity
@@ -62,9 +67,13 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     monkeypatch.setattr(perplexity, "evaluate_tokens", lambda *a, **k: measured.append(1) or orig(*a, **k))
     assert pipeline.run(load_recipe(recipe), recipe) == 0
     assert measured == []  # nothing re-measured
+    built = []
+    real_build = pipeline.build_variant
+    monkeypatch.setattr(pipeline, "build_variant", lambda r, v, *a: built.append(v.name) or real_build(r, v, *a))
     recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir, {"limit": 12})
     assert pipeline.run(load_recipe(recipe), recipe) == 0
     assert len(measured) == 3  # a changed evaluation setting re-measures every variant
+    assert built == []  # ... but rebuilds no checkpoint
 
 
 @pytest.mark.parametrize("evaluation, message", [
