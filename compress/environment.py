@@ -76,3 +76,38 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in bytes, or None where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB = KiB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak-memory window: the process's RSS high-water mark (Linux: write 5 to /proc/self/clear_refs)
+    or the GPU allocator's peak. Without it, a later variant would report the largest peak of any earlier one."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: str) -> tuple[int | None, str]:
+    """(peak bytes since reset_peak_memory, what was measured)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    return proc_status_bytes("VmHWM"), "rss"

@@ -23,6 +23,7 @@ from compress.recipe import Evaluation, InputError, Recipe
 log = logging.getLogger("compress")
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+EVAL_FORMAT = 2  # bump when what an eval/<variant>.json holds changes, so older measurements are redone
 
 
 def check_inputs(ev: Evaluation) -> None:
@@ -57,7 +58,8 @@ def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
     if ev.perplexity:
         files.append(str(data_dir / ev.perplexity.file))
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
-    blob = {"checkpoint": cache_key, "settings": settings, "device": device, "lm_eval": lm_eval.__version__,
+    blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
+            "lm_eval": lm_eval.__version__,
             "task_yamls": {t: _digest(TASKS_DIR / f"{t}.yaml") for t in ev.tasks},
             "ppl_file": _digest(data_dir / ev.perplexity.file) if ev.perplexity else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
@@ -81,11 +83,7 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     eval_dir.mkdir(exist_ok=True)
     data_dir = Path(ev.data_dir).expanduser()
     run_info: dict = {"evaluation": ev.model_dump(exclude={"selfcheck_prompts"})}
-    bandwidth = None
-    if ev.throughput:
-        log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)
-        bandwidth = throughput.measure_bandwidth(device=device)
-        run_info["bandwidth"] = bandwidth
+    bandwidth = None  # measured once, when the first variant needs it; cached measurements carry their own
 
     names = sorted((n for n, r in records.items() if r["status"] == "ok"),
                    key=lambda n: records[n]["method"] != "baseline")
@@ -130,6 +128,10 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                                         batch_size=ev.batch_size, device=device)
         if ev.throughput:
             t = ev.throughput
+            if bandwidth is None:
+                log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)
+                bandwidth = throughput.measure_bandwidth(device=device)
+            result["bandwidth"] = bandwidth
             log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
                      name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
             bench = throughput.benchmark_checkpoint_in_subprocess(
@@ -145,8 +147,12 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         _write_json_atomic(path, result)
         measured[name] = result
 
+    # the run's bandwidth: this run's measurement, else the one the cached figures were computed with
+    bandwidths = [r["bandwidth"] for r in measured.values() if "bandwidth" in r]
+    if bandwidth or bandwidths:
+        run_info["bandwidth"] = bandwidth or bandwidths[0]
     for name, result in measured.items():
-        summary = {k: v for k, v in result.items() if k != "eval_key"}
+        summary = {k: v for k, v in result.items() if k not in ("eval_key", "bandwidth")}
         if "tasks" in summary:
             summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
         records[name].update(summary)

@@ -182,7 +182,10 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
                   key: str, dest: Path, windows: dict) -> dict:
     import torch
 
+    from compress.environment import peak_memory_bytes, reset_peak_memory
+
     output = dest.parent
+    reset_peak_memory(device)
     log.info("stage load: %s for variant %s", source.description, v.name)
     model, tok = load_model(source, device, dtype)
     cal = _calibration_settings(recipe, v)
@@ -202,6 +205,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
         compress_model(model, v, batch)
     compress_seconds = time.perf_counter() - t0
+    peak_bytes, peak_kind = peak_memory_bytes(device)  # model load + compression (+ calibration data)
 
     prompts = recipe.evaluation.selfcheck_prompts
     reference = checkpoint.reference_logits(model, tok, prompts)
@@ -223,7 +227,8 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
             "name": v.name, "method": v.method, "scheme": v.scheme, "bits": v.bits, "group_size": v.group_size,
             "symmetric": v.symmetric, "ignore": v.ignore, "status": "ok", "checkpoint": str(dest),
             "saved_dtype": saved_dtype, "weights_bytes": checkpoint.weights_size_bytes(staging),
-            "compress_seconds": round(compress_seconds, 2), "selfcheck_max_abs_diff": diff,
+            "compress_seconds": round(compress_seconds, 2), "compress_peak_memory_bytes": peak_bytes,
+            "compress_peak_memory_kind": peak_kind, "selfcheck_max_abs_diff": diff,
             "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
             "serve": serve_command(dest, saved_dtype), "environment": env,
         }

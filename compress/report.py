@@ -628,6 +628,37 @@ def _md_inline(text: str) -> str:
     return _one_line(text).replace("|", "\\|")
 
 
+CALIBRATED_METHODS = ("gptq", "awq", "smoothquant-gptq")
+
+
+def calibration_warnings(variants: list[dict]) -> list[str]:
+    """Flag every calibrated variant that came out worse than round-to-nearest of the same weight format.
+
+    GPTQ/AWQ spend minutes on calibration to beat plain rounding; when they do not, the usual cause is the
+    calibration text (off-domain for what is evaluated, or too few tokens), which the model card names. Compared on
+    perplexity and KL to the baseline, the two figures measured on identical tokens for every variant.
+    """
+    out = []
+    for v in variants:
+        if v.get("status") != "ok" or v.get("method") not in CALIBRATED_METHODS:
+            continue
+        peers = [r for r in variants if r.get("status") == "ok" and r.get("method") == "rtn"
+                 and (r.get("bits"), r.get("group_size")) == (v.get("bits"), v.get("group_size"))
+                 and r.get("run") == v.get("run")]
+        for rtn in peers:
+            worse = [f"{label} {_get(v, *key):.4g} vs {_get(rtn, *key):.4g}"
+                     for label, key in (("perplexity", ("perplexity", "value")), ("KL", ("kl", "mean")))
+                     if _get(v, *key) is not None and _get(rtn, *key) is not None and _get(v, *key) > _get(rtn, *key)]
+            if worse:
+                cal = v.get("calibration") or {}
+                data = (f"{cal.get('samples')} x {cal.get('seq_len')} tokens of {cal.get('source')}" if cal
+                        else "its calibration data")
+                out.append(f"{v['name']} ({v['method']}) is worse than plain rounding ({rtn['name']}) on "
+                           f"{' and '.join(worse)}. Likely cause: the calibration text ({data}) is unlike the "
+                           f"evaluation text or too short; try in-domain text or more samples.")
+    return out
+
+
 def render_markdown(results: dict, rows: list[dict]) -> str:
     tasks = task_names(results.get("variants") or [])
     cols = display_columns(tasks, results.get("variants") or [])
@@ -639,7 +670,10 @@ def render_markdown(results: dict, rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_md_inline(f(r)) for _, f in cols) + " |")
     lines += ["", "`—` = not measured (or the variant failed). Plots are in report.html; raw numbers in results.csv.",
-              "", "## Where the figures come from", ""]
+              ""]
+    if warnings := calibration_warnings(results.get("variants") or []):
+        lines += ["## Checks", ""] + [f"- **Warning:** {_one_line(w)}" for w in warnings] + [""]
+    lines += ["## Where the figures come from", ""]
     for heading, items in provenance(results):
         lines += [f"### {heading}", ""] + [f"- {_one_line(i)}" for i in items] + [""]
     return "\n".join(lines)
@@ -716,6 +750,8 @@ def render_html(results: dict, rows: list[dict]) -> str:
         '<div class="scroll"><table id="variants"><thead><tr>' + head + "</tr></thead><tbody>",
         *body, "</tbody></table></div>",
         '<p class="note">— = not measured (or the variant failed). Hover a point or bar for its exact value.</p>',
+        *([f'<h2>Checks</h2><ul>{"".join(f"<li><b>Warning:</b> {_e(w)}</li>" for w in warnings)}</ul>']
+          if (warnings := calibration_warnings(variants)) else []),
         "<h2>Plots</h2>", '<div class="plots">', *(f'<div class="plot">{p}</div>' for p in plots), "</div>",
         "<h2>Where the figures come from</h2>", *prov, "</body></html>", ""])
 

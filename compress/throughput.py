@@ -18,6 +18,8 @@ import resource
 import statistics
 import time
 
+from compress.environment import proc_status_bytes
+
 PROMPT_SENTENCE = "The quick brown fox jumps over the lazy dog while the model reads its prompt. "
 MiB = 1 << 20
 
@@ -113,17 +115,6 @@ def _prompt_ids(tokenizer, prompt_tokens: int) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer produced no ids for the prompt sentence")
     return (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in bytes, or None where /proc is missing."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # the kernel reports kB = KiB
-    except OSError:
-        pass
-    return None
 
 
 def _one_run(model, input_ids, new_tokens: int, device: str) -> tuple[float, float, int]:
@@ -222,9 +213,9 @@ def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
         result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         result["memory_kind"] = "cuda_max_allocated"
     else:
-        rss_now_bytes = _proc_status_bytes("VmRSS")  # read before the peak, so that peak >= now
+        rss_now_bytes = proc_status_bytes("VmRSS")  # read before the peak, so that peak >= now
         ru_maxrss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        result["peak_memory_bytes"] = _proc_status_bytes("VmHWM") or ru_maxrss_bytes
+        result["peak_memory_bytes"] = proc_status_bytes("VmHWM") or ru_maxrss_bytes
         result["memory_kind"] = "rss"
         result["ru_maxrss_bytes"] = ru_maxrss_bytes
         result["rss_now_bytes"] = rss_now_bytes

@@ -50,6 +50,7 @@ def test_all_variants_ok_with_required_fields(tiny_run):
             assert field in r, field
         assert r["selfcheck_max_abs_diff"] <= 1e-3
         assert {"device", "torch", "transformers", "llmcompressor"} <= set(r["environment"])
+        assert r["compress_peak_memory_bytes"] > 10e6 and r["compress_peak_memory_kind"] == "rss"
     assert results["environment"]["device"] == "cpu"
 
 

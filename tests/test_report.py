@@ -201,3 +201,19 @@ def test_html_renders_in_a_headless_browser(report, tmp_path):
     run = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", url)
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_calibrated_variant_worse_than_rtn_is_flagged():
+    from compress.report import calibration_warnings
+
+    rtn = {"name": "rtn", "method": "rtn", "status": "ok", "bits": 4, "group_size": 64,
+           "perplexity": {"value": 40.5}, "kl": {"mean": 0.44}}
+    gptq = {"name": "gptq", "method": "gptq", "status": "ok", "bits": 4, "group_size": 64,
+            "perplexity": {"value": 41.7}, "kl": {"mean": 0.34},
+            "calibration": {"samples": 64, "seq_len": 512, "source": "c4.jsonl"}}
+    awq = {**gptq, "name": "awq", "method": "awq", "perplexity": {"value": 34.8}, "kl": {"mean": 0.18}}
+    other_group = {**gptq, "name": "g128", "group_size": 128}
+    (warning,) = calibration_warnings([rtn, gptq, awq, other_group])
+    assert warning.startswith("gptq (gptq) is worse than plain rounding (rtn) on perplexity 41.7 vs 40.5")
+    assert "KL" not in warning and "64 x 512 tokens of c4.jsonl" in warning
+    assert calibration_warnings([rtn, awq]) == []
