@@ -45,10 +45,10 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         f"| weights on disk | {record['weights_bytes'] / 1e6:.1f} MB |",
         f"| compress time | {record['compress_seconds']:.1f} s |",
         *([f"| peak memory while compressing ({record['compress_peak_memory_kind']}) | "
-           f"{record['compress_peak_memory_bytes'] / 1e6:.0f} MB |"] if record.get("compress_peak_memory_bytes") else []),
+           f"{record['compress_peak_memory_bytes'] / 1e6:.0f} MB |"] if record.get("compress_peak_memory_bytes")
+          else []),
         f"| self-check: max abs logit diff, reloaded vs in-memory ({record['selfcheck_prompts']} prompts) | "
         f"{record['selfcheck_max_abs_diff']:.3g} |",
-        "",
         *_evaluation_rows(record),
         "",
         "The run's report.md / report.html next to this folder compares every variant side by side.",

@@ -72,25 +72,27 @@ def finalize(staging: Path, dest: Path, cache_key: str, record: dict) -> dict:
     return manifest
 
 
-def refresh_card(folder: Path, text: str) -> None:
-    """Replace a complete checkpoint's README.md (e.g. with measured figures) and its manifest entry.
+def refresh_card(folder: Path, text: str) -> int:
+    """Replace a complete checkpoint's README.md (e.g. with measured figures) and its manifest entry; returns the
+    checkpoint's size in bytes (all files but the manifest).
 
     Each file is replaced atomically. If the process dies between the two, the manifest no longer matches the card,
     `verify` fails and the next run rebuilds the variant: slow, never wrong.
     """
     card = folder / "README.md"
+    manifest = json.loads((folder / MANIFEST).read_text())
     if card.is_file() and card.read_text() == text:
-        return
+        return manifest["size_bytes"]
     tmp = folder / ".tmp-README.md"
     tmp.write_text(text)
     os.replace(tmp, card)
-    manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"]["README.md"] = {"size_bytes": card.stat().st_size, "sha256": _sha256(card)}
     manifest["size_bytes"] = manifest["record"]["size_bytes"] = sum(f["size_bytes"]
                                                                     for f in manifest["files"].values())
     tmp = folder / f".tmp-{MANIFEST}"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder / MANIFEST)
+    return manifest["size_bytes"]
 
 
 def weights_size_bytes(folder: Path) -> int:

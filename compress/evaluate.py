@@ -91,7 +91,9 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     reference = None
     ppl_ids = None
     measured: dict[str, dict] = {}
-    for name in names:
+    from tqdm import tqdm
+
+    for name in tqdm(names, desc="evaluate", unit="variant"):
         record = records[name]
         key = eval_key(ev, record["cache_key"], device)
         path = eval_dir / f"{name}.json"

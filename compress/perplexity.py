@@ -36,12 +36,14 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
     Both models see identical windows, so the per-token KL values pair exactly.
     """
     import torch
+    from tqdm import tqdm
 
     nll_sum, count = 0.0, 0
     kl_values, agree = [], 0
     spans = window_spans(len(ids), context, stride, max_windows)
     with torch.no_grad():
-        for begin, end, first in spans:
+        for begin, end, first in tqdm(spans, desc="perplexity" + (" + KL" if reference is not None else ""),
+                                      unit="window", leave=False):
             window = ids[begin:end].unsqueeze(0).to(model.device)
             logp = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
             targets = window[0, 1:]

@@ -167,8 +167,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
         for record in records.values():  # the model cards gain the figures just measured
             folder = Path(record["checkpoint"] or "")
             if record["status"] == "ok" and {"perplexity", "tasks", "throughput"} & set(record):
-                checkpoint.refresh_card(folder, model_card(record, source_info, folder))
-                record["size_bytes"] = json.loads((folder / checkpoint.MANIFEST).read_text())["size_bytes"]
+                record["size_bytes"] = checkpoint.refresh_card(folder, model_card(record, source_info, folder))
         _write_json_atomic(output / RESULTS, results)
     from compress.report import write_report
 

@@ -56,6 +56,8 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
         assert (tmp_path / "run" / f).is_file()
     card = (tmp_path / "run" / "rtn-w4" / "README.md").read_text()
     assert "| perplexity, `text.raw`" in card and "KL divergence from the baseline" in card
+    table = card.split("## Measured")[1].split("\n\n")[1]  # one unbroken markdown table
+    assert table.startswith("| figure | value |") and "KL divergence" in table and "tok/s" in table
     assert "arc_easy acc (lm-eval, 0-shot, n = 20)" in card and "tok/s" in card
     manifest = json.loads((tmp_path / "run" / "rtn-w4" / "manifest.json").read_text())
     assert checkpoint.verify(tmp_path / "run" / "rtn-w4", manifest["cache_key"])  # card refreshed, manifest too
