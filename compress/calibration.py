@@ -13,6 +13,7 @@ import json
 import random
 from pathlib import Path
 
+from compress.checkpoint import sha256_file
 from compress.recipe import Calibration, InputError
 
 
@@ -95,8 +96,4 @@ def file_digest(cal: Calibration) -> str:
     path = Path(cal.source).expanduser()
     if not path.is_file():
         return f"hub:{cal.source}:{cal.split}"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]

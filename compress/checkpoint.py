@@ -45,7 +45,14 @@ def save_model(model, tokenizer, staging: Path, quantized: bool) -> None:
         model.generation_config.save_pretrained(staging)
 
 
-def _sha256(path: Path) -> str:
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary name, then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -56,7 +63,7 @@ def _sha256(path: Path) -> str:
 def finalize(staging: Path, dest: Path, cache_key: str, record: dict) -> dict:
     """Write the manifest last, then rename staging -> dest. Sets record["size_bytes"] (all files but the manifest)
     and stores the record in the manifest, so results.json can be rebuilt from the checkpoints alone."""
-    files = {p.name: {"size_bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
     record["size_bytes"] = sum(f["size_bytes"] for f in files.values())
     manifest = {"cache_key": cache_key, "complete": True, "files": files, "size_bytes": record["size_bytes"],
@@ -86,12 +93,10 @@ def refresh_card(folder: Path, text: str) -> int:
     tmp = folder / ".tmp-README.md"
     tmp.write_text(text)
     os.replace(tmp, card)
-    manifest["files"]["README.md"] = {"size_bytes": card.stat().st_size, "sha256": _sha256(card)}
+    manifest["files"]["README.md"] = {"size_bytes": card.stat().st_size, "sha256": sha256_file(card)}
     manifest["size_bytes"] = manifest["record"]["size_bytes"] = sum(f["size_bytes"]
                                                                     for f in manifest["files"].values())
-    tmp = folder / f".tmp-{MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
     return manifest["size_bytes"]
 
 
@@ -110,7 +115,7 @@ def verify(dest: Path, cache_key: str) -> dict | None:
         return None
     for name, meta in manifest["files"].items():
         p = dest / name
-        if not p.is_file() or p.stat().st_size != meta["size_bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.is_file() or p.stat().st_size != meta["size_bytes"] or sha256_file(p) != meta["sha256"]:
             return None
     return manifest
 
@@ -133,7 +138,6 @@ def selfcheck(folder: Path, prompts: list[str], reference: list, device: str, dt
     This is the check a user's `from_pretrained` would do: if compression, packing or the config were wrong, the
     reloaded model would disagree with the model we evaluated in memory.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()

@@ -15,20 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
+from compress.accuracy import TASKS_DIR, available_tasks
+from compress.checkpoint import sha256_file, write_json_atomic
 from compress.recipe import Evaluation, InputError, Recipe
 
 log = logging.getLogger("compress")
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
 EVAL_FORMAT = 2  # bump when what an eval/<variant>.json holds changes, so older measurements are redone
 
 
 def check_inputs(ev: Evaluation) -> None:
     """Fail before any model is loaded on unknown tasks or missing data files (no lm-eval import needed)."""
-    known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    known = available_tasks()
     unknown = [t for t in ev.tasks if t not in known]
     if unknown:
         raise InputError(f"evaluation.tasks: unknown {unknown}; expected names from {known}")
@@ -42,33 +42,16 @@ def check_inputs(ev: Evaluation) -> None:
         raise InputError(f"evaluation.perplexity.file: {data_dir / ev.perplexity.file} not found")
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
     import lm_eval
 
     data_dir = Path(ev.data_dir).expanduser()
-    files = sorted(p.name for p in TASKS_DIR.glob("*"))
-    if ev.perplexity:
-        files.append(str(data_dir / ev.perplexity.file))
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
     blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
-            "task_yamls": {t: _digest(TASKS_DIR / f"{t}.yaml") for t in ev.tasks},
-            "ppl_file": _digest(data_dir / ev.perplexity.file) if ev.perplexity else None}
+            "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
+            "ppl_file": sha256_file(data_dir / ev.perplexity.file)[:16] if ev.perplexity else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype) -> dict:
@@ -146,7 +129,7 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             result["roofline"]["per_batch"] = {b: {k: r[k] for k in ("bound_tok_per_sec", "utilisation")}
                                                for b, r in rooflines.items()}
         del model
-        _write_json_atomic(path, result)
+        write_json_atomic(path, result)
         measured[name] = result
 
     # the run's bandwidth: this run's measurement, else the one the cached figures were computed with

@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.checkpoint import sha256_file
 from compress.recipe import EMBEDDED_MODEL, InputError, ModelSpec
 
 log = logging.getLogger("compress")
@@ -49,14 +50,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _folder_fingerprint(folder: Path) -> str:
     """Names, sizes and mtimes of the folder's files: cheap on a 16 GB checkpoint, and changes when it is rewritten."""
     items = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
@@ -81,7 +74,7 @@ def resolve_source(spec: ModelSpec, *, prepare: bool) -> Source:
         gguf = path / spec.gguf_file if spec.gguf_file else path
         if not gguf.is_file():
             raise InputError(f"model.source: GGUF file not found: {gguf}")
-        digest = _sha256_file(gguf)
+        digest = sha256_file(gguf)
         folder = cache_dir() / "gguf" / digest[:16] / "hf"
         if prepare:
             _dequantize_gguf(gguf, folder)
@@ -155,7 +148,7 @@ def _dequantize_gguf(gguf: Path, folder: Path) -> None:
         model.config.dtype = torch.float32
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "compress-source.json").write_text(json.dumps({"gguf_file": str(gguf), "sha256": _sha256_file(gguf)}))
+        (tmp / "compress-source.json").write_text(json.dumps({"gguf_file": str(gguf), "sha256": sha256_file(gguf)}))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import traceback
@@ -85,12 +84,6 @@ def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, ve
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def plan(recipe: Recipe, recipe_path: Path) -> dict:
     """What a run would do, and whether each variant fits on common GPUs, without loading weights (--dry-run)."""
     from compress.planner import format_plan, plan_rows
@@ -154,7 +147,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
                                    "error": f"{type(e).__name__}: {e}", "checkpoint": None, "environment": env}
         results = {"recipe": str(recipe_path), "model": source_info, "environment": env,
                    "variants": list(records.values())}
-        _write_json_atomic(output / RESULTS, results)
+        checkpoint.write_json_atomic(output / RESULTS, results)
     if recipe.evaluation.enabled:
         try:
             results.update(evaluate.evaluate_run(recipe, output, records, device, dtype))
@@ -168,7 +161,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
             folder = Path(record["checkpoint"] or "")
             if record["status"] == "ok" and {"perplexity", "tasks", "throughput"} & set(record):
                 record["size_bytes"] = checkpoint.refresh_card(folder, model_card(record, source_info, folder))
-        _write_json_atomic(output / RESULTS, results)
+        checkpoint.write_json_atomic(output / RESULTS, results)
     from compress.report import write_report
 
     paths = write_report(results, output)
