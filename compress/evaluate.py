@@ -128,6 +128,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             result["roofline"] = rooflines.get("1") or next(iter(rooflines.values()))
             result["roofline"]["per_batch"] = {b: {k: r[k] for k in ("bound_tok_per_sec", "utilisation")}
                                                for b, r in rooflines.items()}
+        if name == base_name:
+            reference = model  # the KL reference for every later variant: no second load of the baseline
         del model
         write_json_atomic(path, result)
         measured[name] = result
