@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def serve_command(folder: Path, saved_dtype: str) -> str:
+def serve_command(folder: Path, saved_dtype: str, kv_fp8: bool = False) -> str:
     cmd = f"vllm serve {folder.resolve()}"
     if saved_dtype == "float32":
         # vLLM's quantized kernels (Marlin, CUTLASS FP8/INT8) run with 16-bit activations; say so explicitly.
         cmd += " --dtype bfloat16"
+    if kv_fp8:  # vLLM keeps a 16-bit cache unless told; with this flag it uses the checkpoint's k_scale/v_scale
+        cmd += " --kv-cache-dtype fp8"
     return cmd
 
 
@@ -37,6 +39,7 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         f"- calibration data: {data}",
         f"- computed on {record['environment']['device']} ({record['environment']['device_name']}) in "
         f"{record['environment']['dtype']}",
+        *_kv_lines(record),
         "",
         "## Measured",
         "",
@@ -94,3 +97,28 @@ def _evaluation_rows(record: dict) -> list[str]:
                         f"{one['tok_per_sec']:.1f} tok/s, TTFT {1000 * one['ttft_s']:.0f} ms |")
         rows.append(f"| peak memory ({th['memory_kind']}) | {th['peak_memory_bytes'] / 1e6:.0f} MB |")
     return rows
+
+
+def _kv_lines(record: dict) -> list[str]:
+    """What the KV-cache setting of this variant means for whoever serves it."""
+    kv = record.get("kv_cache")
+    if not kv:
+        return []
+    if record.get("kv_in_checkpoint"):
+        where = ("per KV head (vLLM reads per-head scales with its FlashAttention-3 backend; other backends need "
+                 "per-tensor)" if kv["granularity"] == "head" else "per tensor")
+        lines = [f"- KV cache: fp8 e4m3 with static scales {where}, calibrated on the calibration data above and "
+                 f"saved as `model.layers.N.self_attn.k_scale` / `v_scale` (`kv_cache_scheme` in config.json); "
+                 f"serve with `--kv-cache-dtype fp8`, as the line below does"]
+    else:
+        lines = [f"- KV cache: `{kv['dtype']}`"
+                 + (f", granularity `{kv['granularity']}`" if kv.get("granularity") else "")
+                 + (f", group {kv['group_size']}" if kv.get("group_size") else "")
+                 + ", applied at evaluation time as each key/value enters the cache. It is not stored in this "
+                 "checkpoint: vLLM has no such cache format and serves these weights with a 16-bit cache. Engines "
+                 "that do: llama.cpp `--cache-type-k/-v q8_0|q4_0` (per-token blocks of 32), transformers' "
+                 "QuantizedCache (KIVI-style)"]
+    if mem := record.get("kv_memory"):
+        lines.append(f"- KV bytes per token: {mem['bytes_per_token']:,.0f} (16-bit: {mem['bytes_per_token_16bit']:,.0f},"
+                     f" {mem['ratio_vs_16bit']:.2f}x smaller)")
+    return lines

@@ -42,6 +42,33 @@ def check_inputs(ev: Evaluation) -> None:
         raise InputError(f"evaluation.perplexity.file: {data_dir / ev.perplexity.file} not found")
 
 
+def apply_kv_cache(model, record: dict) -> dict:
+    """Make `model` store its KV cache as the variant says, before anything is measured. Returns how.
+
+    fp8: the checkpoint carries the calibrated scales and compressed-tensors already quantizes K/V with them on
+    load; this only checks that it did (positive, finite scales in every layer), so fp8 figures can never silently
+    come from a 16-bit cache. Other formats: the quantize-dequantize hook of compress.kvcache."""
+    import math
+
+    from compress import kvcache
+    from compress.recipe import KVCache
+
+    kv = KVCache(**record["kv_cache"])
+    if record.get("kv_in_checkpoint"):
+        scales = kvcache.checkpoint_kv_scales(model)
+        layers = len(kvcache.attention_modules(model))
+        if len(scales) != 2 * layers:
+            raise RuntimeError(f"{record['name']}: expected k_scale and v_scale in each of {layers} attention layers "
+                               f"after loading, found {len(scales)}: the fp8 KV cache would not be applied")
+        values = [float(x) for t in scales.values() for x in t.flatten()]
+        if not all(math.isfinite(x) and x > 0 for x in values):
+            raise RuntimeError(f"{record['name']}: non-positive or non-finite KV scales in the checkpoint")
+        return {"format": kv.label, "how": "checkpoint scales, applied by compressed-tensors on load",
+                "scales": len(values), "scale_min": min(values), "scale_max": max(values)}
+    kvcache.attach(model, kv)
+    return {"format": kv.label, "how": "quantize-dequantize as K/V enter the cache (compress.kvcache)"}
+
+
 def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
     import lm_eval
 
@@ -90,6 +117,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
         tok = AutoTokenizer.from_pretrained(folder)
         result: dict = {"eval_key": key}
+        if record.get("kv_cache"):
+            result["kv_eval"] = apply_kv_cache(model, record)
         if ev.perplexity:
             if ppl_ids is None:
                 text = (data_dir / ev.perplexity.file).read_text()
@@ -111,7 +140,10 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
 
             result["tasks"] = run_tasks(model, tok, ev.tasks, data_dir, num_fewshot=ev.num_fewshot, limit=ev.limit,
                                         batch_size=ev.batch_size, device=device)
-        if ev.throughput:
+        if ev.throughput and record.get("kv_cache"):
+            log.info("stage throughput: %s skipped: transformers only simulates its KV format, so its decode speed "
+                     "would not be that of an engine storing the cache that way", name)
+        elif ev.throughput:
             t = ev.throughput
             if bandwidth is None:
                 log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)

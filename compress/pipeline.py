@@ -78,7 +78,9 @@ def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, ve
     cal = _calibration_settings(recipe, v)
     if cal is not None:
         cal = {**cal, "digest": calib.file_digest(recipe.calibration)}
-    blob = {"model": source.fingerprint, "variant": v.model_dump(), "calibration": cal, "device": device,
+    # a variant without kv_cache hashes as before the field existed, so its checkpoints stay valid
+    variant = v.model_dump(exclude={"kv_cache"} if v.kv_cache is None else set())
+    blob = {"model": source.fingerprint, "variant": variant, "calibration": cal, "device": device,
             "dtype": str(dtype), "versions": versions,
             "selfcheck": recipe.evaluation.model_dump(include={"selfcheck_prompts", "selfcheck_max_abs_diff"})}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
@@ -91,8 +93,12 @@ def plan(recipe: Recipe, recipe_path: Path) -> dict:
     source = check_inputs(recipe, recipe_path, prepare=False)
     device, dtype = resolve_device_dtype(recipe.model)
     p = recipe.evaluation.planner
-    memory = plan_rows(load_config(source), [(v.name, v.bits or 16, v.group_size) for v in recipe.variants],
-                       context=p.context, batch=p.batch, headroom=p.headroom)
+    from compress.kvcache import bytes_per_token
+
+    config = load_config(source)
+    memory = plan_rows(config, [(v.name, v.bits or 16, v.group_size) for v in recipe.variants],
+                       context=p.context, batch=p.batch, headroom=p.headroom,
+                       kv_bytes_per_token={v.name: bytes_per_token(config, v.kv_cache) for v in recipe.variants})
     rows = []
     for v in recipe.variants:
         cal = _calibration_settings(recipe, v)
@@ -148,6 +154,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
         results = {"recipe": str(recipe_path), "model": source_info, "environment": env,
                    "variants": list(records.values())}
         checkpoint.write_json_atomic(output / RESULTS, results)
+    add_kv_memory(recipe, records, load_config(source))
     if recipe.evaluation.enabled:
         try:
             results.update(evaluate.evaluate_run(recipe, output, records, device, dtype))
@@ -170,6 +177,23 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     return 1 if failed else 0
 
 
+def add_kv_memory(recipe: Recipe, records: dict[str, dict], config) -> None:
+    """Each ok variant's KV-cache figures at the planner's serving shape (config arithmetic, no weights loaded):
+    bytes per token, bytes at context x batch, sequences that fit per GPU beside its weights vs a 16-bit cache."""
+    from compress import kvcache
+    from compress.planner import weight_bytes_estimate
+    from compress.recipe import KVCache
+
+    p = recipe.evaluation.planner
+    for v in recipe.variants:
+        record = records.get(v.name)
+        if not record or record["status"] != "ok":
+            continue
+        weights = weight_bytes_estimate(config, v.bits or 16, v.group_size)
+        record["kv_memory"] = kvcache.memory(config, KVCache(**record["kv_cache"]) if record.get("kv_cache") else None,
+                                             weights, context=p.context, batch=p.batch, headroom=p.headroom)
+
+
 def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict, device: str, dtype, env: dict,
                   key: str, dest: Path, windows: dict) -> dict:
     import torch
@@ -182,7 +206,8 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     model, tok = load_model(source, device, dtype)
     cal = _calibration_settings(recipe, v)
     t0 = time.perf_counter()
-    if v.method != "baseline":
+    uses_llmcompressor = v.method not in ("baseline", "none") or v.kv_in_checkpoint
+    if uses_llmcompressor:
         batch = None
         if cal is not None:
             shape = (cal["samples"], cal["seq_len"])
@@ -204,7 +229,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     staging = checkpoint.new_staging_dir(output, v.name)
     try:
         log.info("stage save: %s -> %s", v.name, dest)
-        checkpoint.save_model(model, tok, staging, quantized=v.method != "baseline")
+        checkpoint.save_model(model, tok, staging, quantized=uses_llmcompressor)
         del model
         log.info("stage self-check: reloading %s from disk", v.name)
         diff = checkpoint.selfcheck(staging, prompts, reference, device, dtype)
@@ -222,7 +247,8 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
             "compress_seconds": round(compress_seconds, 2), "compress_peak_memory_bytes": peak_bytes,
             "compress_peak_memory_kind": peak_kind, "selfcheck_max_abs_diff": diff,
             "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
-            "serve": serve_command(dest, saved_dtype), "environment": env,
+            "kv_cache": v.kv_cache.model_dump() if v.kv_cache else None, "kv_in_checkpoint": v.kv_in_checkpoint,
+            "serve": serve_command(dest, saved_dtype, kv_fp8=v.kv_in_checkpoint), "environment": env,
         }
         (staging / "README.md").write_text(model_card(record, source_info, dest))
         checkpoint.finalize(staging, dest, key, record)  # sets record["size_bytes"]

@@ -89,12 +89,18 @@ def weight_bytes_estimate(config, bits: int, group_size: int | None, ignore_lm_h
 
 
 def plan_rows(config, variants: list[tuple[str, int, int | None]], context: int, batch: int,
-              headroom: float = 0.10, kv_dtype_bytes: int = 2) -> list[dict]:
+              headroom: float = 0.10, kv_dtype_bytes: int = 2,
+              kv_bytes_per_token: dict[str, float] | None = None) -> list[dict]:
     """One row per (name, bits, group_size) variant: weights, KV at context x batch, their total, and per GPU
-    whether it fits in memory x (1 - headroom) and how many sequences of `context` tokens fit beside the weights."""
-    kv_one = kv_bytes(config, context, 1, kv_dtype_bytes)
+    whether it fits in memory x (1 - headroom) and how many sequences of `context` tokens fit beside the weights.
+    The KV cache is `kv_dtype_bytes` per element unless `kv_bytes_per_token` gives a variant's own figure (a
+    quantized KV cache, compress.kvcache.bytes_per_token)."""
     rows = []
     for name, bits, group_size in variants:
+        if kv_bytes_per_token and name in kv_bytes_per_token:
+            kv_one = int(round(kv_bytes_per_token[name] * context))
+        else:
+            kv_one = kv_bytes(config, context, 1, kv_dtype_bytes)
         weights = weight_bytes_estimate(config, bits, group_size)
         kv = kv_one * batch
         total = weights + kv

@@ -10,6 +10,10 @@ ourselves. llm-compressor writes compressed-tensors checkpoints, the format `vll
 | awq               | AWQModifier + QuantizationModifier          | int4, group, asymmetric   | 16-bit               |
 | smoothquant-gptq  | SmoothQuantModifier + GPTQModifier          | int8 per channel          | int8 dynamic/token   |
 | fp8               | QuantizationModifier FP8_DYNAMIC (data-free)| fp8 e4m3 per channel      | fp8 dynamic/token    |
+| none + fp8 KV     | QuantizationModifier(kv_cache_scheme) only  | unchanged                 | 16-bit               |
+
+Any method can add an fp8 KV cache (`kv_cache: {dtype: fp8}`): its modifier gets llm-compressor's `kv_cache_scheme`,
+which makes the run calibrated (the K/V scales are observed on the calibration windows).
 
 auto-gptq and autoawq are not used: both are archived and neither imports with transformers 5.
 """
@@ -57,20 +61,36 @@ def weight_scheme(variant: Variant) -> QuantizationScheme:
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
+def kv_cache_scheme(variant: Variant) -> QuantizationArgs | None:
+    """llm-compressor's `kv_cache_scheme` for an fp8 KV cache: static symmetric e4m3 scales observed on the
+    calibration data, one per tensor (each layer's K and V) or one per KV head ("attn_head"). They are saved as
+    `model.layers.N.self_attn.k_scale` / `v_scale`, where vLLM looks for them. Integer KV formats are not written
+    into the checkpoint: vLLM refuses a non-fp8 `kv_cache_scheme`, and the checkpoint must stay servable."""
+    if not variant.kv_in_checkpoint:
+        return None
+    strategy = {"tensor": "tensor", "head": "attn_head"}[variant.kv_cache.granularity]
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, dynamic=False, symmetric=True)
+
+
 def build_modifiers(variant: Variant) -> list:
     """The llm-compressor recipe for a variant, as modifier objects (also saved as recipe.yaml in the checkpoint)."""
-    groups = {"group_0": weight_scheme(variant)}
     ignore = list(variant.ignore)
+    kv = {"kv_cache_scheme": scheme} if (scheme := kv_cache_scheme(variant)) else {}
+    if variant.method == "none":
+        if not kv:
+            raise ValueError(f"variant {variant.name!r} changes nothing llm-compressor writes")
+        return [QuantizationModifier(ignore=ignore, **kv)]
+    groups = {"group_0": weight_scheme(variant)}
     if variant.method in ("rtn", "fp8"):
-        return [QuantizationModifier(config_groups=groups, ignore=ignore)]
+        return [QuantizationModifier(config_groups=groups, ignore=ignore, **kv)]
     gptq_kwargs = {"dampening_frac": variant.dampening_frac} if variant.dampening_frac else {}
     if variant.method == "gptq":
-        return [GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs)]
+        return [GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs, **kv)]
     if variant.method == "awq":
-        return [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=groups, ignore=ignore)]
+        return [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=groups, ignore=ignore, **kv)]
     if variant.method == "smoothquant-gptq":
         return [SmoothQuantModifier(smoothing_strength=variant.smoothing_strength or 0.8),
-                GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs)]
+                GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs, **kv)]
     raise ValueError(f"no modifiers for method {variant.method!r}")
 
 

@@ -26,6 +26,7 @@ EMBEDDED_MODEL = "smollm2-135m"
 # quantize activations, dynamically per token, so they need 8-bit weights.
 METHOD_BITS: dict[str, tuple[int, ...]] = {
     "baseline": (),
+    "none": (),  # weights left as they are: a variant that changes only the KV cache
     "rtn": (4, 8),
     "gptq": (4, 8),
     "awq": (4,),
@@ -65,11 +66,61 @@ class Calibration(_Strict):
     seed: int = 0
 
 
+class KVCache(_Strict):
+    """How the attention keys and values are stored at serving time (see compress/kvcache.py for the formats).
+
+    - fp8 (e4m3), granularity `tensor` (default) or `head`: static scales calibrated by llm-compressor and saved in
+      the checkpoint as `self_attn.k_scale` / `v_scale`, which vLLM reads with `--kv-cache-dtype fp8` (per-head
+      scales need vLLM's FlashAttention-3 backend).
+    - int8 / int4, granularity `token` (default: one scale and minimum per token and head, or per `group_size`
+      channels of it) or `channel` (KIVI: keys per channel over groups of `group_size` tokens, default 32; values
+      per token). Computed as each token enters the cache, so no calibration. vLLM has no integer KV cache: these
+      are measured for engines that have one (llama.cpp `--cache-type-k q8_0|q4_0`, transformers' QuantizedCache).
+    - bf16 / fp16: the 16-bit cache every engine uses by default; on a CPU run in fp32 it shows the rounding alone.
+    """
+
+    dtype: Literal["fp8", "int8", "int4", "bf16", "fp16"]
+    granularity: Literal["tensor", "head", "token", "channel"] | None = None
+    group_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _dtype_rules(self) -> "KVCache":
+        if self.dtype in ("bf16", "fp16"):
+            if self.granularity is not None or self.group_size is not None:
+                raise _field_error("granularity", f"a {self.dtype} cache has no scales; remove granularity/group_size")
+        elif self.dtype == "fp8":
+            self.granularity = self.granularity or "tensor"
+            if self.granularity not in ("tensor", "head"):
+                raise _field_error("granularity", f"fp8 KV uses static scales, per 'tensor' or per 'head' (what vLLM "
+                                                  f"reads), got {self.granularity!r}")
+            if self.group_size is not None:
+                raise _field_error("group_size", "fp8 KV scales are per tensor or per head; remove group_size")
+        else:
+            self.granularity = self.granularity or "token"
+            if self.granularity not in ("token", "channel"):
+                raise _field_error("granularity", f"{self.dtype} KV is quantized as each token enters the cache, per "
+                                                  f"'token' or per 'channel' (KIVI keys), got {self.granularity!r}; "
+                                                  f"static per-tensor/per-head scales are for fp8")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """fp8 scales are observed on calibration data; the other formats need none."""
+        return self.dtype == "fp8"
+
+    @property
+    def label(self) -> str:
+        if self.granularity is None:
+            return f"KV-{self.dtype}"
+        group = f"-g{self.group_size}" if self.group_size else ""
+        return f"KV-{self.dtype}-{self.granularity}{group}"
+
+
 class Variant(_Strict):
     """One row of the comparison table and one checkpoint directory."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    method: Literal["baseline", "rtn", "gptq", "awq", "smoothquant-gptq", "fp8"]
+    method: Literal["baseline", "none", "rtn", "gptq", "awq", "smoothquant-gptq", "fp8"]
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
@@ -78,15 +129,25 @@ class Variant(_Strict):
     dampening_frac: float | None = Field(None, gt=0, lt=1)
     samples: int | None = Field(None, gt=0)  # overrides calibration.samples for this variant
     seq_len: int | None = Field(None, gt=0)  # overrides calibration.seq_len for this variant
+    kv_cache: KVCache | None = None  # None: the model's own dtype (16-bit when served)
 
     @model_validator(mode="after")
     def _method_rules(self) -> "Variant":
         allowed = METHOD_BITS[self.method]
-        if self.method == "baseline":
-            extra = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac",
-                                 "samples", "seq_len") if getattr(self, k) is not None]
+        if self.method in ("baseline", "none"):
+            extra = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac")
+                     if getattr(self, k) is not None]
+            if self.method == "baseline" and self.kv_cache is not None:
+                extra.append("kv_cache")
             if extra:
-                raise ValueError(f"the baseline takes no quantization settings, remove {extra}")
+                raise ValueError(f"method {self.method!r} takes no weight quantization settings, remove {extra}"
+                                 + (" (for baseline weights with a quantized KV cache use method 'none')"
+                                    if "kv_cache" in extra else ""))
+            if self.method == "none" and self.kv_cache is None:
+                raise _field_error("kv_cache", "method 'none' leaves the weights alone, so it needs a kv_cache "
+                                               "setting (otherwise it is the baseline)")
+            if (self.samples or self.seq_len) and not self.calibrated:
+                raise ValueError(f"variant {self.name!r} uses no calibration data; remove samples/seq_len")
             return self
         if self.bits is None:
             self.bits = allowed[0]
@@ -107,25 +168,33 @@ class Variant(_Strict):
             raise _field_error("smoothing_strength", "only method 'smoothquant-gptq' takes smoothing_strength")
         if self.dampening_frac is not None and self.method not in ("gptq", "smoothquant-gptq"):
             raise _field_error("dampening_frac", "only the GPTQ methods take dampening_frac")
-        if (self.samples or self.seq_len) and self.method not in CALIBRATED_METHODS:
+        if (self.samples or self.seq_len) and not self.calibrated:
             raise ValueError(f"method {self.method!r} uses no calibration data; remove samples/seq_len")
         return self
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        """Needs calibration text: a calibrated weight method, or fp8 KV scales."""
+        return self.method in CALIBRATED_METHODS or bool(self.kv_cache and self.kv_cache.calibrated)
+
+    @property
+    def kv_in_checkpoint(self) -> bool:
+        """The KV format is part of the checkpoint (scales + kv_cache_scheme that vLLM reads); otherwise it is
+        applied at evaluation time only, as an engine with that cache format would."""
+        return bool(self.kv_cache and self.kv_cache.dtype == "fp8")
 
     @property
     def scheme(self) -> str:
-        """The scheme's conventional name, as vLLM and llm-compressor docs call it."""
-        if self.method == "baseline":
-            return "unquantized"
+        """The scheme's conventional name, as vLLM and llm-compressor docs call it, plus the KV format if any."""
+        kv = f" + {self.kv_cache.label}" if self.kv_cache else ""
+        if self.method in ("baseline", "none"):
+            return "unquantized" + kv
         if self.method == "fp8":
-            return "FP8-dynamic"
+            return "FP8-dynamic" + kv
         if self.method == "smoothquant-gptq":
-            return "W8A8-INT8"
+            return "W8A8-INT8" + kv
         group = f"-g{self.group_size}" if self.group_size else "-channel"
-        return f"W{self.bits}A16{group}{'' if self.symmetric else '-asym'}"
+        return f"W{self.bits}A16{group}{'' if self.symmetric else '-asym'}" + kv
 
 
 class PerplexitySettings(_Strict):

@@ -175,6 +175,7 @@ def variant_rows(results: dict) -> list[dict]:
             "peak_memory_bytes": _get(rec, "throughput", "peak_memory_bytes"),
             "roofline_utilisation": _get(rec, "roofline", "utilisation"),
             "compress_seconds": rec.get("compress_seconds"),
+            "kv_format": _get(rec, "kv_memory", "format"), "kv_bytes_per_token": _get(rec, "kv_memory", "bytes_per_token"),
             "status": rec.get("status", "ok"), "error": rec.get("error"),
         })
         rows.append(row)
@@ -643,7 +644,8 @@ def calibration_warnings(variants: list[dict]) -> list[str]:
         if v.get("status") != "ok" or v.get("method") not in CALIBRATED_METHODS:
             continue
         peers = [r for r in variants if r.get("status") == "ok" and r.get("method") == "rtn"
-                 and (r.get("bits"), r.get("group_size")) == (v.get("bits"), v.get("group_size"))
+                 and (r.get("bits"), r.get("group_size"), r.get("kv_cache"))
+                 == (v.get("bits"), v.get("group_size"), v.get("kv_cache"))
                  and r.get("run") == v.get("run")]
         for rtn in peers:
             worse = [f"{label} {_get(v, *key):.4g} vs {_get(rtn, *key):.4g}"
@@ -659,6 +661,37 @@ def calibration_warnings(variants: list[dict]) -> list[str]:
     return out
 
 
+def kv_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | None:
+    """The KV-cache table: (headers, rows, caption), or None when no variant changes the KV cache.
+
+    Per variant: its KV format, bytes per token, the cache at the planner's context x batch, and per planner GPU
+    how many sequences of that context fit beside its weights, with the gain over a 16-bit cache in brackets."""
+    ok = [r for r in variants if r.get("status", "ok") == "ok" and r.get("kv_memory")]
+    if not any(r.get("kv_cache") for r in ok):
+        return None
+    gpus = list(ok[0]["kv_memory"]["gpus"])
+    headers = ["variant", "KV format", "KV bytes/token", "vs 16-bit (×)",
+               f"KV at context × batch (MB)", "KL vs baseline", "perplexity"] + [f"{g}: sequences (+ vs 16-bit KV)"
+                                                                                 for g in gpus]
+    rows = []
+    for r in ok:
+        m = r["kv_memory"]
+        rows.append([r["name"], m["format"], f"{m['bytes_per_token']:,.0f}", f"{m['ratio_vs_16bit']:.2f}",
+                     f"{m['bytes_at_context_batch'] / MB:,.1f}", _pm(_get(r, "kl", "mean"), _get(r, "kl", "stderr"),
+                                                                      ".4f"),
+                     _fmt(_get(r, "perplexity", "value"), ".2f")]
+                    + [f"{g['max_sequences']:,} (+{g['extra_sequences']:,})" for g in m["gpus"].values()])
+    m0 = ok[0]["kv_memory"]
+    caption = (f"Context {m0['context']:,} tokens × batch {m0['batch']} (the recipe's evaluation.planner); sequences "
+               f"= how many {m0['context']:,}-token sequences fit in memory × (1 − {m0['headroom']:g}) after the "
+               f"variant's weights (estimated from the config at serving precision: 16-bit unless quantized), "
+               f"with the gain over a 16-bit KV cache. Integer formats count a 16-bit scale and minimum per group. "
+               f"fp8 KV uses the checkpoint's calibrated scales as compressed-tensors applies them on load; int8/int4 "
+               f"are quantized and dequantized as each key/value enters the cache (compress/kvcache.py), the "
+               f"channel (KIVI) format quantizing every key, including the last few that KIVI keeps in 16 bits.")
+    return headers, rows, caption
+
+
 def render_markdown(results: dict, rows: list[dict]) -> str:
     tasks = task_names(results.get("variants") or [])
     cols = display_columns(tasks, results.get("variants") or [])
@@ -671,6 +704,11 @@ def render_markdown(results: dict, rows: list[dict]) -> str:
         lines.append("| " + " | ".join(_md_inline(f(r)) for _, f in cols) + " |")
     lines += ["", "`—` = not measured (or the variant failed). Plots are in report.html; raw numbers in results.csv.",
               ""]
+    if kv := kv_table(results.get("variants") or []):
+        headers, kv_rows, caption = kv
+        lines += ["## KV cache", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(_md_inline(c) for c in row) + " |" for row in kv_rows]
+        lines += ["", caption, ""]
     if warnings := calibration_warnings(results.get("variants") or []):
         lines += ["## Checks", ""] + [f"- **Warning:** {_one_line(w)}" for w in warnings] + [""]
     lines += ["## Where the figures come from", ""]
@@ -750,10 +788,22 @@ def render_html(results: dict, rows: list[dict]) -> str:
         '<div class="scroll"><table id="variants"><thead><tr>' + head + "</tr></thead><tbody>",
         *body, "</tbody></table></div>",
         '<p class="note">— = not measured (or the variant failed). Hover a point or bar for its exact value.</p>',
+        *_kv_html(variants),
         *([f'<h2>Checks</h2><ul>{"".join(f"<li><b>Warning:</b> {_e(w)}</li>" for w in warnings)}</ul>']
           if (warnings := calibration_warnings(variants)) else []),
         "<h2>Plots</h2>", '<div class="plots">', *(f'<div class="plot">{p}</div>' for p in plots), "</div>",
         "<h2>Where the figures come from</h2>", *prov, "</body></html>", ""])
+
+
+def _kv_html(variants: list[dict]) -> list[str]:
+    if not (kv := kv_table(variants)):
+        return []
+    headers, kv_rows, caption = kv
+    head = "".join(f'<th class="{"text" if i < 2 else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="{"text" if i < 2 else ""}">{_e(c)}</td>' for i, c in enumerate(row))
+                   + "</tr>" for row in kv_rows)
+    return ["<h2>KV cache</h2>", f'<div class="scroll"><table id="kv"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>", f'<p class="note">{_e(caption)}</p>']
 
 
 def _write_atomic(path: Path, text: str) -> None:

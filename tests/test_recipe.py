@@ -25,7 +25,7 @@ def _base(**over) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "llama8b-awq.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "smollm2-135m-kv.yaml", "llama8b-awq.yaml", "tiny.yaml"])
 def test_shipped_recipes_parse(name):
     recipe = load_recipe(ROOT / "recipes" / name)
     assert recipe.variants[0].method == "baseline"
@@ -57,7 +57,7 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(calibration=None), "(top level)", "add a `calibration:` section"),
     (_base(variants=[{"name": "a", "method": "rtn"}, {"name": "a", "method": "fp8"}]), "variants", "unique"),
     (_base(variants=[{"name": "bad name", "method": "rtn"}]), "variants[0].name", "pattern"),
-    (_base(variants=[{"name": "b", "method": "baseline", "bits": 4}]), "variants[0]", "no quantization settings"),
+    (_base(variants=[{"name": "b", "method": "baseline", "bits": 4}]), "variants[0]", "no weight quantization settings"),
     ({"model": {}, "variants": [{"name": "r", "method": "rtn"}]}, "output", "Field required"),
 ])
 def test_bad_recipe_names_file_field_and_expectation(tmp_path, data, where, expected):
