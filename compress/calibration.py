@@ -25,8 +25,8 @@ def check_source(cal: Calibration) -> None:
     if not path.is_file():
         raise InputError(f"calibration.source: file not found: {path} (expected a .jsonl, .json or .txt file, "
                          f"or a hub dataset id)")
-    if path.suffix not in (".jsonl", ".json", ".txt"):
-        raise InputError(f"calibration.source: {path}: expected a .jsonl, .json or .txt file")
+    if path.suffix not in (".jsonl", ".json", ".txt", ".raw"):
+        raise InputError(f"calibration.source: {path}: expected a .jsonl, .json, .txt or .raw (plain text) file")
     if path.suffix in (".jsonl", ".json"):
         first = _read_json_rows(path, limit=1)
         if not first or cal.text_field not in first[0]:
@@ -64,7 +64,7 @@ def load_texts(cal: Calibration) -> list[str]:
             raise InputError(f"calibration.source: cannot load hub dataset {cal.source!r} "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         return [t for t in ds[cal.text_field] if t and t.strip()]
-    if path.suffix == ".txt":
+    if path.suffix in (".txt", ".raw"):
         # Plain text: paragraphs separated by blank lines are the documents.
         return [p for p in path.read_text().split("\n\n") if p.strip()]
     return [r[cal.text_field] for r in _read_json_rows(path) if r.get(cal.text_field, "").strip()]

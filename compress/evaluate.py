@@ -42,6 +42,17 @@ def check_inputs(ev: Evaluation) -> None:
         raise InputError(f"evaluation.perplexity.file: {data_dir / ev.perplexity.file} not found")
 
 
+def evaluation_files(ev: Evaluation) -> set[Path]:
+    """Resolved paths of every file this evaluation scores on (perplexity text, task data)."""
+    from compress.accuracy import task_config
+
+    data_dir = Path(ev.data_dir).expanduser()
+    files = {(data_dir / ev.perplexity.file).resolve()} if ev.perplexity else set()
+    for t in ev.tasks:
+        files |= {Path(f).resolve() for f in task_config(t, data_dir)["dataset_kwargs"]["data_files"].values()}
+    return files
+
+
 def apply_kv_cache(model, record: dict) -> dict:
     """Make `model` store its KV cache as the variant says, before anything is measured. Returns how.
 

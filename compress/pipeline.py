@@ -39,12 +39,31 @@ class SelfCheckError(RuntimeError):
 def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
     """Everything that can be checked without loading weights. Raises InputError."""
     source = resolve_source(recipe.model, prepare=prepare)
+    evaluate.check_inputs(recipe.evaluation)
+    eval_files = evaluate.evaluation_files(recipe.evaluation)
     if recipe.calibration is not None:
         calib.check_source(recipe.calibration)
-    evaluate.check_inputs(recipe.evaluation)
+        _not_evaluated_on(Path(recipe.calibration.source), "calibration.source", eval_files)
+    for i, v in enumerate(recipe.variants):
+        if v.distill:
+            field = recipe.field_path(i, "distill.data")
+            from compress.recipe import Calibration
+
+            try:
+                calib.check_source(Calibration(source=v.distill.data, text_field=v.distill.text_field))
+            except InputError as e:
+                raise InputError(f"{recipe_path}: {field}: {str(e).split(': ', 1)[1]}") from None
+            _not_evaluated_on(Path(v.distill.data), f"{recipe_path}: {field}", eval_files)
     resolve_device_dtype(recipe.model)
     check_group_sizes(recipe, recipe_path, load_config(source))
     return source
+
+
+def _not_evaluated_on(path: Path, field: str, eval_files: set[Path]) -> None:
+    """Training or calibrating on the text a variant is then scored on makes its scores meaningless."""
+    if path.expanduser().resolve() in eval_files:
+        raise InputError(f"{field}: {path} is an evaluation file of this recipe (perplexity or task data); "
+                         f"calibrate and distill on other text, e.g. ../shared/data/calibration/c4_validation_2k.jsonl")
 
 
 def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
@@ -78,16 +97,30 @@ def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, ve
     cal = _calibration_settings(recipe, v)
     if cal is not None:
         cal = {**cal, "digest": calib.file_digest(recipe.calibration)}
-    # a variant without kv_cache hashes as before the field existed, so its checkpoints stay valid
-    variant = v.model_dump(exclude={"kv_cache"} if v.kv_cache is None else set())
+    # fields added later hash only when set, so checkpoints built before they existed stay valid
+    variant = v.model_dump(exclude={k for k in ("kv_cache", "distill") if getattr(v, k) is None})
     blob = {"model": source.fingerprint, "variant": variant, "calibration": cal, "device": device,
             "dtype": str(dtype), "versions": versions,
             "selfcheck": recipe.evaluation.model_dump(include={"selfcheck_prompts", "selfcheck_max_abs_diff"})}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def plan(recipe: Recipe, recipe_path: Path) -> dict:
-    """What a run would do, and whether each variant fits on common GPUs, without loading weights (--dry-run)."""
+def student_key(v: Variant, source: Source, device: str, dtype, env: dict) -> str:
+    """Identity of a distilled student: teacher, distill settings, training data, compute and library versions.
+    Variants that differ only in what happens after distillation (quantization, KV) share the student."""
+    from compress.recipe import Calibration
+
+    data = calib.file_digest(Calibration(source=v.distill.data))
+    blob = {"teacher": source.fingerprint, "distill": v.distill.model_dump(), "data": data, "device": device,
+            "dtype": str(dtype), "versions": {k: env[k] for k in ("torch", "transformers")}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan(recipe: Recipe, recipe_path: Path, measure_distill: bool = False) -> dict:
+    """What a run would do, and whether each variant fits on common GPUs, without loading weights (--dry-run).
+
+    With `measure_distill` (`compress run --dry-run`), distillation variants also get an estimated training time
+    from a measured step, which loads the teacher."""
     from compress.planner import format_plan, plan_rows
 
     source = check_inputs(recipe, recipe_path, prepare=False)
@@ -105,9 +138,30 @@ def plan(recipe: Recipe, recipe_path: Path) -> dict:
         rows.append({"name": v.name, "method": v.method, "scheme": v.scheme, "ignore": v.ignore,
                      "calibration": f"{cal['samples']} x {cal['seq_len']} tokens of {cal['source']}" if cal else None,
                      "checkpoint": str(Path(recipe.output) / v.name)})
-    return {"model": source.description, "note": source.note, "device": device,
-            "dtype": str(dtype).removeprefix("torch."), "output": recipe.output, "variants": rows,
-            "memory_plan": memory, "memory_plan_table": format_plan(memory)}
+    out = {"model": source.description, "note": source.note, "device": device,
+           "dtype": str(dtype).removeprefix("torch."), "output": recipe.output, "variants": rows,
+           "memory_plan": memory, "memory_plan_table": format_plan(memory)}
+    if measure_distill and any(v.distill and v.distill.steps for v in recipe.variants):
+        out["distill_estimates"] = estimate_distillation(recipe, recipe_path, device, dtype)
+    return out
+
+
+def estimate_distillation(recipe: Recipe, recipe_path: Path, device: str, dtype) -> dict:
+    """Time one distillation step per distinct distill setting (the only part of a dry run that loads weights:
+    a step's cost depends on this machine, so it is measured, not guessed)."""
+    from distill.student import estimate
+
+    source = resolve_source(recipe.model, prepare=True)
+    teacher, _ = load_model(source, device, dtype)
+    out: dict = {}
+    for v in recipe.variants:
+        if v.distill and v.distill.steps:
+            key = json.dumps(v.distill.model_dump(), sort_keys=True)
+            if key not in out:
+                log.info("stage dry-run: timing distillation steps for %s", v.name)
+                out[key] = {"variants": [], **estimate(teacher, v.distill, device)}
+            out[key]["variants"].append(v.name)
+    return {"+".join(e["variants"]): {k: val for k, val in e.items() if k != "variants"} for e in out.values()}
 
 
 def run(recipe: Recipe, recipe_path: Path) -> int:
@@ -206,6 +260,13 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     model, tok = load_model(source, device, dtype)
     cal = _calibration_settings(recipe, v)
     t0 = time.perf_counter()
+    distilled = None
+    if v.distill:
+        from distill.student import build_student, summary
+
+        folder = output / ".students" / student_key(v, source, device, dtype, env)
+        model, info = build_student(model, tok, v.distill, folder, device, dtype)
+        distilled = summary(info)
     uses_llmcompressor = v.method not in ("baseline", "none") or v.kv_in_checkpoint
     if uses_llmcompressor:
         batch = None
@@ -248,6 +309,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
             "compress_peak_memory_kind": peak_kind, "selfcheck_max_abs_diff": diff,
             "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
             "kv_cache": v.kv_cache.model_dump() if v.kv_cache else None, "kv_in_checkpoint": v.kv_in_checkpoint,
+            "distill": distilled,
             "serve": serve_command(dest, saved_dtype, kv_fp8=v.kv_in_checkpoint), "environment": env,
         }
         (staging / "README.md").write_text(model_card(record, source_info, dest))

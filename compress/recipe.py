@@ -116,6 +116,56 @@ class KVCache(_Strict):
         return f"KV-{self.dtype}-{self.granularity}{group}"
 
 
+class Student(_Strict):
+    """Which decoder layers the student keeps: give `layers` (keep that many, dropping the least important ones by
+    block influence measured on the training text) or `drop` (exactly these teacher layer indices)."""
+
+    layers: int | None = Field(None, gt=0)
+    drop: list[int] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Student":
+        if (self.layers is None) == (self.drop is None):
+            raise _field_error("layers", "give exactly one of layers (how many to keep) or drop (which to remove)")
+        if self.drop is not None and len(set(self.drop)) != len(self.drop):
+            raise _field_error("drop", f"layer indices repeat: {self.drop}")
+        return self
+
+
+class Distill(_Strict):
+    """A smaller student: depth-pruned from the teacher, then trained to match the teacher's next-token
+    distributions (logit distillation) on `data`. Plain PyTorch (distill/). `steps: 0` is the pruned student
+    without training, the row that shows what training bought."""
+
+    student: Student
+    data: str = "../shared/data/calibration/c4_validation_2k.jsonl"  # training text; never an evaluation split
+    text_field: str = "text"
+    steps: int = Field(300, ge=0)  # optimizer steps
+    batch: int = Field(8, gt=0)  # sequences per optimizer step
+    micro_batch: int = Field(4, gt=0)  # sequences per forward/backward; batch / micro_batch = accumulation steps
+    seq_len: int = Field(256, gt=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)  # default: 10% of steps
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr x min_lr_ratio
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # 1: the distributions that perplexity and KL evaluate
+    ce_weight: float = Field(0.0, ge=0, le=1)  # loss = (1 - w) KL x T^2 + w CE(text)
+    importance_samples: int = Field(16, gt=0)  # windows of `data` the block influence is measured on
+    checkpoint_every: int = Field(50, gt=0)  # steps between resumable training checkpoints
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Distill":
+        if self.batch % self.micro_batch:
+            raise _field_error("micro_batch", f"must divide batch ({self.batch}), got {self.micro_batch}")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch // self.micro_batch
+
+
 class Variant(_Strict):
     """One row of the comparison table and one checkpoint directory."""
 
@@ -130,6 +180,7 @@ class Variant(_Strict):
     samples: int | None = Field(None, gt=0)  # overrides calibration.samples for this variant
     seq_len: int | None = Field(None, gt=0)  # overrides calibration.seq_len for this variant
     kv_cache: KVCache | None = None  # None: the model's own dtype (16-bit when served)
+    distill: Distill | None = None  # train a smaller student first; the method then quantizes the student
 
     @model_validator(mode="after")
     def _method_rules(self) -> "Variant":
@@ -137,15 +188,15 @@ class Variant(_Strict):
         if self.method in ("baseline", "none"):
             extra = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac")
                      if getattr(self, k) is not None]
-            if self.method == "baseline" and self.kv_cache is not None:
-                extra.append("kv_cache")
+            if self.method == "baseline":
+                extra += [k for k in ("kv_cache", "distill") if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"method {self.method!r} takes no weight quantization settings, remove {extra}"
-                                 + (" (for baseline weights with a quantized KV cache use method 'none')"
-                                    if "kv_cache" in extra else ""))
-            if self.method == "none" and self.kv_cache is None:
-                raise _field_error("kv_cache", "method 'none' leaves the weights alone, so it needs a kv_cache "
-                                               "setting (otherwise it is the baseline)")
+                                 + (" (for the baseline's weights with a quantized KV cache or a distilled student "
+                                    "use method 'none')" if {"kv_cache", "distill"} & set(extra) else ""))
+            if self.method == "none" and self.kv_cache is None and self.distill is None:
+                raise _field_error("kv_cache", "method 'none' leaves the weights alone, so it needs a kv_cache or "
+                                               "distill setting (otherwise it is the baseline)")
             if (self.samples or self.seq_len) and not self.calibrated:
                 raise ValueError(f"variant {self.name!r} uses no calibration data; remove samples/seq_len")
             return self
@@ -185,8 +236,13 @@ class Variant(_Strict):
 
     @property
     def scheme(self) -> str:
-        """The scheme's conventional name, as vLLM and llm-compressor docs call it, plus the KV format if any."""
+        """The scheme's conventional name, as vLLM and llm-compressor docs call it, plus the KV format and the
+        student, if any."""
         kv = f" + {self.kv_cache.label}" if self.kv_cache else ""
+        if self.distill:
+            d = self.distill
+            layers = f"{d.student.layers}L" if d.student.layers else f"drop{len(d.student.drop)}"
+            kv += f" (student {layers}, {'KD ' + str(d.steps) + ' steps' if d.steps else 'pruned, untrained'})"
         if self.method in ("baseline", "none"):
             return "unquantized" + kv
         if self.method == "fp8":

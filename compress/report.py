@@ -692,6 +692,72 @@ def kv_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | N
     return headers, rows, caption
 
 
+def distill_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | None:
+    """The distillation table: how each student was made and what it scored, or None without students.
+
+    Rows: the teacher (baseline) and every variant built from a student, so the pruned-untrained row, the
+    distilled row and the distilled + quantized row sit together."""
+    students = [r for r in variants if r.get("status", "ok") == "ok" and r.get("distill")]
+    if not students:
+        return None
+    teacher = next((r for r in variants if r.get("method") == "baseline" and r.get("run") == students[0].get("run")),
+                   None)
+    headers = ["variant", "layers", "dropped layers (chosen by)", "steps", "tokens trained (epochs)",
+               "train time (s)", "KD loss first → last", "size (MB)", "perplexity", "KL vs teacher", "tok/s (batch 1)"]
+
+    def common(r: dict) -> list[str]:
+        return [_fmt(r.get("weights_bytes"), ".1f", 1 / MB), _fmt(_get(r, "perplexity", "value"), ".2f"),
+                _pm(_get(r, "kl", "mean"), _get(r, "kl", "stderr"), ".4f"),
+                _fmt(_get(r, "throughput", "batches", "1", "tok_per_sec"), ".1f")]
+
+    rows = []
+    if teacher:
+        n = students[0]["distill"]["teacher_layers"]
+        rows.append([f"{teacher['name']} (teacher)", str(n), DASH, DASH, DASH, DASH, DASH] + common(teacher))
+    for r in students:
+        d = r["distill"]
+        losses = (f"{d['first_loss']:.3f} → {d['final_loss']:.3f}" if d.get("final_loss") is not None else DASH)
+        rows.append([r["name"], f"{d['student_layers']} of {d['teacher_layers']}",
+                     f"{d['dropped_layers']} ({d['chosen_by']})", str(d["steps"]),
+                     f"{d['tokens_trained']:,} ({d['epochs']:g})" if d["steps"] else "0",
+                     _fmt(d.get("train_seconds"), ".0f") if d["steps"] else DASH, losses] + common(r))
+    d0 = students[0]["distill"]
+    caption = (f"Students are the teacher with its lowest block-influence layers removed (BI = 1 − cos(layer input, "
+               f"layer output), mean over {d0['importance_windows']} windows of the training text), then trained "
+               f"by logit distillation (KL at temperature {d0['settings']['temperature']:g}"
+               + (f", + {d0['settings']['ce_weight']:g} × cross-entropy" if d0['settings']['ce_weight'] else "")
+               + f") on `{d0['data']}`, never an evaluation file. A student shared by several variants was trained "
+               f"once; its train time is that run's. KL is measured against the teacher on the perplexity tokens.")
+    return headers, rows, caption
+
+
+def plot_loss_curves(variants: list[dict], colours: dict) -> str:
+    """KD loss per optimizer step for every distinct trained student (variants sharing a student share a line)."""
+    curves: dict[str, list[dict]] = {}
+    for r in variants:
+        curve = _get(r, "distill", "loss_curve")
+        if curve and not any(c == curve for c in curves.values()):
+            curves[r["name"]] = curve
+    title = "Distillation loss"
+    if not curves:
+        return ""
+    xs = [p["step"] for c in curves.values() for p in c]
+    ys = [p["loss"] for c in curves.values() for p in c]
+    xt, yt = _nice_ticks(0, max(xs)), _nice_ticks(min(ys) * 0.95, max(ys) * 1.02)
+    sx = lambda v: LEFT + (v - xt[0]) / (xt[-1] - xt[0]) * (W - RIGHT - LEFT)  # noqa: E731
+    sy = lambda v: H - BOTTOM - (v - yt[0]) / (yt[-1] - yt[0]) * (H - BOTTOM - TOP)  # noqa: E731
+    out = _frame(title, "optimizer step", "KD loss (KL × T², per token)", xt, yt, sx, sy)
+    for name, c in curves.items():
+        colour = colours.get(name, PALETTE[0])
+        pts = " ".join(f"{sx(p['step']):.1f},{sy(p['loss']):.1f}" for p in c)
+        out.append(f'<polyline class="loss-curve" data-name="{_e(name)}" points="{pts}" fill="none" '
+                   f'stroke="{colour}" stroke-width="1.8"><title>{_e(name)}</title></polyline>')
+    out += _legend([(f'<line x1="-7" x2="7" y1="0" y2="0" stroke="{colours.get(n, PALETTE[0])}" stroke-width="2"/>', n)
+                    for n in curves])
+    out.append("</svg>")
+    return "\n".join(out)
+
+
 def render_markdown(results: dict, rows: list[dict]) -> str:
     tasks = task_names(results.get("variants") or [])
     cols = display_columns(tasks, results.get("variants") or [])
@@ -704,11 +770,13 @@ def render_markdown(results: dict, rows: list[dict]) -> str:
         lines.append("| " + " | ".join(_md_inline(f(r)) for _, f in cols) + " |")
     lines += ["", "`—` = not measured (or the variant failed). Plots are in report.html; raw numbers in results.csv.",
               ""]
-    if kv := kv_table(results.get("variants") or []):
-        headers, kv_rows, caption = kv
-        lines += ["## KV cache", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(_md_inline(c) for c in row) + " |" for row in kv_rows]
-        lines += ["", caption, ""]
+    for heading, table in (("KV cache", kv_table(results.get("variants") or [])),
+                           ("Distillation", distill_table(results.get("variants") or []))):
+        if table:
+            headers, extra_rows, caption = table
+            lines += [f"## {heading}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(_md_inline(c) for c in row) + " |" for row in extra_rows]
+            lines += ["", caption, ""]
     if warnings := calibration_warnings(results.get("variants") or []):
         lines += ["## Checks", ""] + [f"- **Warning:** {_one_line(w)}" for w in warnings] + [""]
     lines += ["## Where the figures come from", ""]
@@ -779,6 +847,8 @@ def render_html(results: dict, rows: list[dict]) -> str:
         prov.append(f"<h3>{_e(heading)}</h3><ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in items) + "</ul>")
     plots = [plot_accuracy_vs_size(rows, colours), plot_accuracy_vs_speed(rows, colours),
              plot_recovery(rows, colours, tasks, results)]
+    if loss := plot_loss_curves(variants, colours):
+        plots.append(loss)
     note = f'<p class="callout"><b>Note:</b> {_e(model["note"])}.</p>' if model.get("note") else ""
     title = f"Compression report: {model.get('description', DASH)}"
     return "\n".join([
@@ -788,22 +858,24 @@ def render_html(results: dict, rows: list[dict]) -> str:
         '<div class="scroll"><table id="variants"><thead><tr>' + head + "</tr></thead><tbody>",
         *body, "</tbody></table></div>",
         '<p class="note">— = not measured (or the variant failed). Hover a point or bar for its exact value.</p>',
-        *_kv_html(variants),
+        *_table_html("KV cache", "kv", kv_table(variants)),
+        *_table_html("Distillation", "distill", distill_table(variants)),
         *([f'<h2>Checks</h2><ul>{"".join(f"<li><b>Warning:</b> {_e(w)}</li>" for w in warnings)}</ul>']
           if (warnings := calibration_warnings(variants)) else []),
         "<h2>Plots</h2>", '<div class="plots">', *(f'<div class="plot">{p}</div>' for p in plots), "</div>",
         "<h2>Where the figures come from</h2>", *prov, "</body></html>", ""])
 
 
-def _kv_html(variants: list[dict]) -> list[str]:
-    if not (kv := kv_table(variants)):
+def _table_html(heading: str, table_id: str, table) -> list[str]:
+    """A section table (kv_table, distill_table) as HTML: its first two columns are text."""
+    if not table:
         return []
-    headers, kv_rows, caption = kv
+    headers, rows, caption = table
     head = "".join(f'<th class="{"text" if i < 2 else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f'<td class="{"text" if i < 2 else ""}">{_e(c)}</td>' for i, c in enumerate(row))
-                   + "</tr>" for row in kv_rows)
-    return ["<h2>KV cache</h2>", f'<div class="scroll"><table id="kv"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>", f'<p class="note">{_e(caption)}</p>']
+                   + "</tr>" for row in rows)
+    return [f"<h2>{_e(heading)}</h2>", f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>", f'<p class="note">{_html_inline(caption)}</p>']
 
 
 def _write_atomic(path: Path, text: str) -> None:
