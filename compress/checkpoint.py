@@ -132,15 +132,19 @@ def reference_logits(model, tokenizer, prompts: list[str]) -> list:
     return out
 
 
-def selfcheck(folder: Path, prompts: list[str], reference: list, device: str, dtype) -> float:
+def selfcheck(folder: Path, prompts: list[str], reference: list, device: str, dtype, load=None) -> float:
     """Reload the checkpoint from disk with plain transformers; max |logit difference| against `reference`.
 
     This is the check a user's `from_pretrained` would do: if compression, packing or the config were wrong, the
-    reloaded model would disagree with the model we evaluated in memory.
+    reloaded model would disagree with the model we evaluated in memory. `load(folder)` replaces the plain
+    from_pretrained, e.g. to reload an offloaded model within the same memory budget.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+    if load is not None:
+        model = load(folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     got = reference_logits(model, tokenizer, prompts)
     del model

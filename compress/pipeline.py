@@ -257,7 +257,18 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     output = dest.parent
     reset_peak_memory(device)
     log.info("stage load: %s for variant %s", source.description, v.name)
-    model, tok = load_model(source, device, dtype)
+    offload = recipe.model.offload
+    offload_dir = Path(offload.folder) if offload and offload.folder else output / ".offload"
+    if offload:
+        from transformers import AutoTokenizer
+
+        from compress.quantize import load_offloaded
+
+        log.info("stage load: offloading beyond %.3g GB of weights to %s", offload.max_cpu_memory_gb, offload_dir)
+        model = load_offloaded(source.path, dtype, offload.max_cpu_memory_gb * 1e9, offload_dir)
+        tok = AutoTokenizer.from_pretrained(source.path)
+    else:
+        model, tok = load_model(source, device, dtype)
     cal = _calibration_settings(recipe, v)
     t0 = time.perf_counter()
     distilled = None
@@ -281,7 +292,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         from compress.quantize import compress_model
 
         log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
-        compress_model(model, v, batch)
+        compress_model(model, v, batch, sequential=offload is not None)
     compress_seconds = time.perf_counter() - t0
     peak_bytes, peak_kind = peak_memory_bytes(device)  # model load + compression (+ calibration data)
 
@@ -293,7 +304,13 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         checkpoint.save_model(model, tok, staging, quantized=uses_llmcompressor)
         del model
         log.info("stage self-check: reloading %s from disk", v.name)
-        diff = checkpoint.selfcheck(staging, prompts, reference, device, dtype)
+        reload = None
+        if offload:  # reload within the same memory budget
+            from compress.quantize import load_offloaded
+
+            def reload(folder):
+                return load_offloaded(folder, dtype, offload.max_cpu_memory_gb * 1e9, offload_dir / "selfcheck")
+        diff = checkpoint.selfcheck(staging, prompts, reference, device, dtype, load=reload)
         tolerance = recipe.evaluation.selfcheck_max_abs_diff
         if not diff <= tolerance:  # also catches NaN
             raise SelfCheckError(f"reloaded checkpoint disagrees with the in-memory model: max abs logit diff "
@@ -307,6 +324,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
             "saved_dtype": saved_dtype, "weights_bytes": checkpoint.weights_size_bytes(staging),
             "compress_seconds": round(compress_seconds, 2), "compress_peak_memory_bytes": peak_bytes,
             "compress_peak_memory_kind": peak_kind, "selfcheck_max_abs_diff": diff,
+            "offload": offload.model_dump() if offload else None,
             "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
             "kv_cache": v.kv_cache.model_dump() if v.kv_cache else None, "kv_in_checkpoint": v.kv_in_checkpoint,
             "distill": distilled,
@@ -316,6 +334,8 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         checkpoint.finalize(staging, dest, key, record)  # sets record["size_bytes"]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if offload and not offload.folder:
+            shutil.rmtree(offload_dir, ignore_errors=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.scheme,

@@ -94,13 +94,29 @@ def build_modifiers(variant: Variant) -> list:
     raise ValueError(f"no modifiers for method {variant.method!r}")
 
 
-def compress_model(model, variant: Variant, windows: list[list[int]] | None) -> None:
+def load_offloaded(path: str, dtype, max_cpu_bytes: int, folder: Path):
+    """The model with at most `max_cpu_bytes` of weights in RAM and the rest on disk in `folder`, in the offloading
+    llm-compressor's sequential pipeline understands (compressed-tensors' `load_offloaded_model`): each module is
+    onloaded for its forward pass and written back after quantization."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
+                                                     max_memory={"cpu": int(max_cpu_bytes)}, offload_folder=str(folder))
+    return model.eval()
+
+
+def compress_model(model, variant: Variant, windows: list[list[int]] | None, sequential: bool = False) -> None:
     """Quantize `model` in place. `windows` are the calibration token windows (None for data-free methods).
 
     GPTQ and SmoothQuant use the "basic" pipeline, which runs each calibration window through the whole model once;
     with a model that fits in memory it was faster here than the layer-by-layer "sequential" pipeline (GPTQ on
     SmolLM2, 16 x 512 tokens: 39 s vs 44 s, same perplexity within noise). AWQ needs "sequential": its grid search
     replays each layer's cached inputs, and under "basic" it met non-finite attention outputs and skipped layers.
+    `sequential=True` forces the layer-by-layer pipeline for every method: needed when the model is offloaded, so
+    that only one layer is in memory at a time.
     """
     modifiers = build_modifiers(variant)
     if windows is None:
@@ -117,7 +133,7 @@ def compress_model(model, variant: Variant, windows: list[list[int]] | None) -> 
             num_calibration_samples=len(windows),
             max_seq_length=len(windows[0]),
             shuffle_calibration_samples=False,
-            pipeline="sequential" if variant.method == "awq" else "basic",
+            pipeline="sequential" if sequential or variant.method == "awq" else "basic",
         )
 
 

@@ -45,6 +45,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Offload(_Strict):
+    """Compress a model bigger than memory: at most `max_cpu_memory_gb` of its weights stay in RAM, the rest waits on
+    disk in `folder`, and calibration runs layer by layer (llm-compressor's sequential pipeline onloads one decoder
+    layer at a time). Slower than in-memory (every layer is read from disk), so only for models that do not fit."""
+
+    max_cpu_memory_gb: float = Field(gt=0)
+    folder: str | None = None  # default: <output>/.offload (deleted after each variant)
+
+
 class ModelSpec(_Strict):
     """Where the model comes from and how it is computed while compressing."""
 
@@ -53,6 +62,7 @@ class ModelSpec(_Strict):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    offload: Offload | None = None  # null: the whole model in memory
 
 
 class Calibration(_Strict):

@@ -123,3 +123,42 @@ def test_quantized_input_widths_respects_ignore(tiny_model):
     assert "lm_head" not in widths and widths["model.layers.0.mlp.down_proj"] == 128
     assert set(widths.values()) == {64, 128}
     assert "model.layers.1.mlp.up_proj" not in quantized_input_widths(config, ["lm_head", "re:.*mlp.up_proj"])
+
+
+def test_offloaded_model_compresses_like_in_memory(tmp_path, tiny_model, calib_file, monkeypatch):
+    """A memory budget smaller than the model: most weights wait on disk, calibration runs layer by layer, and the
+    checkpoint equals the in-memory one."""
+    from compressed_tensors.offload import get_offloaded_device
+
+    from compress import quantize
+
+    weights_bytes = (tiny_model / "model.safetensors").stat().st_size
+    disk_modules = []
+    real = quantize.load_offloaded
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        disk_modules.extend(n for n, m in model.named_modules() if str(get_offloaded_device(m)) == "disk")
+        return model
+
+    monkeypatch.setattr(quantize, "load_offloaded", spy)
+    real_compress = quantize.compress_model
+    # offloading implies the layer-by-layer pipeline; the in-memory reference runs the same one
+    monkeypatch.setattr(quantize, "compress_model", lambda m, v, w, sequential=False: real_compress(m, v, w, True))
+    variants = [{"name": "gptq", "method": "gptq", "bits": 4, "group_size": 32}]
+    folders = {}
+    for mode in ("memory", "offload"):
+        (tmp_path / mode).mkdir()
+        recipe_path = write_recipe(tmp_path / mode, tiny_model, calib_file, variants)
+        recipe = yaml.safe_load(recipe_path.read_text())
+        if mode == "offload":
+            recipe["model"]["offload"] = {"max_cpu_memory_gb": weights_bytes / 4 / 1e9}  # a quarter of the model
+        recipe_path.write_text(yaml.safe_dump(recipe))
+        assert pipeline.run(load_recipe(recipe_path), recipe_path) == 0
+        record = json.loads((tmp_path / mode / "run" / "results.json").read_text())["variants"][1]
+        assert record["status"] == "ok" and record["compress_peak_memory_bytes"] > 0
+        folders[mode] = Path(record["checkpoint"])
+    assert len(disk_modules) > 5, disk_modules  # most Linears really were on disk
+    assert record["offload"]["max_cpu_memory_gb"] > 0
+    assert not (tmp_path / "offload" / "run" / ".offload").exists()  # the offload folder is cleaned up
+    assert torch.allclose(_logits(folders["memory"]), _logits(folders["offload"]), atol=1e-5)

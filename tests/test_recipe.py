@@ -25,7 +25,7 @@ def _base(**over) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "smollm2-135m-kv.yaml", "llama8b-awq.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "smollm2-135m-kv.yaml", "smollm2-135m-distill.yaml", "llama8b-awq.yaml", "tiny.yaml"])
 def test_shipped_recipes_parse(name):
     recipe = load_recipe(ROOT / "recipes" / name)
     assert recipe.variants[0].method == "baseline"
