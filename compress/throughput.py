@@ -201,6 +201,7 @@ def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
             }
     result = {
         "engine": "transformers-eager",
+        "threads": None if on_gpu else torch.get_num_threads(),
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "batches": batches,
