@@ -74,7 +74,7 @@ def _method_lines(record: dict) -> list[str]:
                 f"weight over {g['params']:,} parameters. llama.cpp picks each tensor's type: a K-quant needs rows "
                 f"that are a multiple of 256 weights, and tensors whose rows are not fall back to a 32-block type",
                 f"- file: `{g['file']}`, {g['file_bytes'] / 1e6:.1f} MB ({g['tensor_bytes'] / 1e6:.1f} MB of tensors; "
-                f"the rest is metadata and the tokenizer)"]
+                f"the rest is metadata and the tokenizer{', ' + g['tokenizer'] if g.get('tokenizer') else ''})"]
     if b := record.get("bnb"):
         extra = (f"blocks of {b['block_size']}, double quantization {'on' if b['double_quant'] else 'off'}, "
                  f"compute dtype {b['compute_dtype']}" if b["format"] == "NF4"
@@ -93,7 +93,9 @@ def _selfcheck_rows(record: dict) -> list[str]:
         return [f"| self-check: llama.cpp vs transformers reading this file, mean KL ({n} prompts, {c['positions']} "
                 f"positions) | {c['engines_kl_mean']:.2g} nats, top-1 agreement {100 * c['engines_top1_agreement']:.0f} % |",
                 f"| this file (llama.cpp) vs the full-precision weights it was made from, mean KL | "
-                f"{c['source_kl_mean']:.3g} nats, top-1 agreement {100 * c['source_top1_agreement']:.0f} % |"]
+                f"{c['source_kl_mean']:.3g} nats, top-1 agreement {100 * c['source_top1_agreement']:.0f} % |",
+                f"| llama.cpp's tokenizer gives the HF tokenizer's ids on the self-check prompts | "
+                f"{'yes' if c.get('tokenizer_agrees') else 'NO: text tokenized by llama.cpp differs'} |"]
     return [f"| self-check: max abs logit diff, reloaded vs in-memory ({n} prompts) | "
             f"{record['selfcheck_max_abs_diff']:.3g} |"]
 

@@ -416,7 +416,7 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
     cal = _calibration_settings(recipe, v)
     model = tok = None
     distilled = None
-    weights_folder = Path(source.path)
+    weights_folder = local_folder(source)
     if v.distill or v.imatrix:  # the student must be built; the importance matrix is observed on the HF model
         log.info("stage load: %s for variant %s", source.description, v.name)
         model, tok = load_model(source, device, dtype)
@@ -442,7 +442,8 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
         gguf_name = f"model-{v.gguf_type}.gguf"
         log.info("stage compress: %s %s with llama.cpp (llama-cpp-python %s)", v.name, v.scheme, llamacpp.version())
         exported = llamacpp.export(weights_folder, staging / gguf_name, v.gguf_type, imatrix_fn=imatrix_fn,
-                                   threads=available_cores())
+                                   threads=available_cores(),
+                                   tokenizer_from=Path(source.gguf) if source.gguf else None)
         compress_seconds = time.perf_counter() - t0
         peak_bytes, peak_kind = peak_memory_bytes(device)
         summary = gguf_file.summarize(staging / gguf_name)
@@ -467,6 +468,8 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
             "calibration": cal, "cache_key": key, "kv_cache": None, "kv_in_checkpoint": False,
             "distill": distilled,
             "gguf": {"file": gguf_name, "type_requested": v.gguf_type, "imatrix": bool(v.imatrix),
+                     "tokenizer": (f"from the source GGUF file {Path(source.gguf).name}" if source.gguf
+                                   else "written by the converter from the HF tokenizer"),
                      "imatrix_tensors": exported["imatrix_tensors"], "intermediate": exported["intermediate"],
                      "converter": f"convert_hf_to_gguf.py of llama-cpp-python {llamacpp.version()}",
                      "quantizer": (f"llama_model_quantize of llama-cpp-python {llamacpp.version()}"
@@ -495,6 +498,16 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
 GGUF_ENGINE_MAX_KL = 0.25
 
 
+def local_folder(source: Source) -> Path:
+    """The source's HF folder on disk (llama.cpp's converter reads files, not hub ids): a hub model is fetched into
+    the Hugging Face cache once, at the revision its fingerprint names."""
+    if source.kind != "hub":
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source.path, revision=source.fingerprint.rsplit("@", 1)[-1]))
+
+
 def gguf_selfcheck(folder: Path, gguf_name: str, weights_folder: Path, prompts: list[str], model, dtype) -> dict:
     """Logits on the self-check prompts from llama.cpp and from transformers for the same GGUF file, and from the
     full-precision source; returns the engines' agreement and the file's divergence from its source."""
@@ -510,6 +523,8 @@ def gguf_selfcheck(folder: Path, gguf_name: str, weights_folder: Path, prompts: 
         model = AutoModelForCausalLM.from_pretrained(weights_folder, dtype=dtype).eval()
     engine = llamacpp.GGUFModel(folder / gguf_name, context=max(len(i) for i in ids) + 1)
     try:
+        tokenizer_agrees = all(engine.llm.tokenize(p.encode(), add_bos=False, special=False)
+                               == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
         with torch.no_grad():
             cpp = [engine.window_logits(i).float() for i in ids]
             hf = [loaded(torch.tensor([i])).logits[0].float() for i in ids]
@@ -520,7 +535,8 @@ def gguf_selfcheck(folder: Path, gguf_name: str, weights_folder: Path, prompts: 
     engines, vs_source = _divergence(hf, cpp), _divergence(src, cpp)
     return {"engines_kl_mean": engines["kl_mean"], "engines_top1_agreement": engines["top1_agreement"],
             "engines_max_abs_diff": engines["max_abs_diff"], "source_kl_mean": vs_source["kl_mean"],
-            "source_top1_agreement": vs_source["top1_agreement"], "positions": engines["positions"]}
+            "source_top1_agreement": vs_source["top1_agreement"], "positions": engines["positions"],
+            "tokenizer_agrees": tokenizer_agrees}
 
 
 def _divergence(reference: list, other: list) -> dict:

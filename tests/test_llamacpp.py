@@ -152,6 +152,7 @@ def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_fi
         assert g["file"] == f"model-{gtype}.gguf" and (folder / g["file"]).is_file()
         assert r["weights_bytes"] == g["tensor_bytes"] == gguf_file.summarize(folder / g["file"])["tensor_bytes"]
         assert r["selfcheck"]["engines_kl_mean"] < pipeline.GGUF_ENGINE_MAX_KL
+        assert r["selfcheck"]["tokenizer_agrees"] is True and "converter" in g["tokenizer"]
         assert r["perplexity"]["engine"] == "llama.cpp" and r["perplexity"]["tokens"] == base["perplexity"]["tokens"]
         assert r["kl"]["mean"] > 0 and r["tasks_engine"].startswith("transformers, GGUF")
         th = r["throughput"]
