@@ -391,11 +391,9 @@ def _file_type_name(summary: dict) -> str:
 
 def decode_benchmark_in_subprocess(path: Path, **kwargs) -> dict:
     """`decode_benchmark` in a fresh Python process, so its peak RSS is this file's alone."""
-    cmd = [sys.executable, "-m", "compress.llamacpp", json.dumps({"path": str(path), **kwargs})]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp throughput worker failed for {path}: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from compress.throughput import run_worker
+
+    return run_worker("compress.llamacpp", {"path": str(path), **kwargs}, f"llama.cpp throughput worker for {path}")
 
 
 if __name__ == "__main__":  # the worker of decode_benchmark_in_subprocess: JSON arguments in, JSON out

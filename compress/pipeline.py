@@ -427,16 +427,7 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
     if v.imatrix:
         batch = _calibration_windows(recipe, cal, tok, windows)
         cal = {**cal, "tokens": len(batch) * len(batch[0]), "windows_digest": calib.windows_digest(batch)}
-
-        def imatrix_fn(f16_path: Path) -> dict:
-            from compress.imatrix import gguf_tensor_names, importance_matrix
-
-            summary = gguf_file.summarize(f16_path)
-            names = gguf_tensor_names(model, summary["architecture"], set(summary["tensor_types"]))
-            log.info("stage imatrix: mean x^2 of %d weight inputs over %d x %d calibration tokens", len(names),
-                     len(batch), len(batch[0]))
-            return importance_matrix(model, batch, names)
-
+        imatrix_fn = _imatrix_for(model, batch)
     staging = checkpoint.new_staging_dir(output, v.name)
     try:
         gguf_name = f"model-{v.gguf_type}.gguf"
@@ -455,7 +446,7 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
             raise SelfCheckError(f"llama.cpp and transformers disagree on {gguf_name}: mean KL "
                                  f"{check['engines_kl_mean']:.4g} > {GGUF_ENGINE_MAX_KL:g} nats on the self-check "
                                  f"prompts (top-1 agreement {check['engines_top1_agreement']:.2f})")
-        del model
+        model = imatrix_fn = None  # free the full-precision model before the card is written
         (staging / "compress-recipe.yaml").write_text(yaml.safe_dump({
             "model": recipe.model.model_dump(), "calibration": cal, "variant": v.model_dump()}, sort_keys=False))
         record = {
@@ -488,6 +479,22 @@ def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: 
              v.name, v.scheme, summary["tensor_bytes"] / 1e6, gguf_file.types_text(summary), compress_seconds,
              check["engines_kl_mean"])
     return record
+
+
+def _imatrix_for(model, windows: list[list[int]]):
+    """The importance-matrix callback of llamacpp.export: given the F16 GGUF file, observe `model` on the
+    calibration `windows` and key the statistic by that file's tensor names."""
+    def imatrix_fn(f16_path: Path) -> dict:
+        from compress import gguf_file
+        from compress.imatrix import gguf_tensor_names, importance_matrix
+
+        summary = gguf_file.summarize(f16_path)
+        names = gguf_tensor_names(model, summary["architecture"], set(summary["tensor_types"]))
+        log.info("stage imatrix: mean x^2 of %d weight inputs over %d x %d calibration tokens", len(names),
+                 len(windows), len(windows[0]))
+        return importance_matrix(model, windows, names)
+
+    return imatrix_fn
 
 
 # llama.cpp multiplies quantized weights with activations it rounds to 8 bits (Q8_0/Q8_K blocks) and keeps the KV
