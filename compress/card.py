@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def serve_command(folder: Path, saved_dtype: str, kv_fp8: bool = False) -> str:
+def serve_command(folder: Path, saved_dtype: str, kv_fp8: bool = False, bitsandbytes: bool = False) -> str:
     cmd = f"vllm serve {folder.resolve()}"
+    if bitsandbytes:  # vLLM infers it from quantization_config too; explicit is what its docs show for the server
+        cmd += " --quantization bitsandbytes"
     if saved_dtype == "float32":
         # vLLM's quantized kernels (Marlin, CUTLASS FP8/INT8) run with 16-bit activations; say so explicitly.
         cmd += " --dtype bfloat16"
@@ -33,9 +35,7 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         "",
         "## What was done",
         "",
-        f"- method: `{record['method']}`, scheme `{record['scheme']}`, via llm-compressor "
-        f"{record['environment']['llmcompressor']} (compressed-tensors {record['environment']['compressed_tensors']})",
-        f"- ignored layers (kept in {record['saved_dtype']}): {', '.join(record['ignore']) or 'none'}",
+        *_method_lines(record),
         f"- calibration data: {data}",
         f"- computed on {record['environment']['device']} ({record['environment']['device_name']}) in "
         f"{record['environment']['dtype']}",
@@ -50,12 +50,62 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         *([f"| peak memory while compressing ({record['compress_peak_memory_kind']}) | "
            f"{record['compress_peak_memory_bytes'] / 1e6:.0f} MB |"] if record.get("compress_peak_memory_bytes")
           else []),
-        f"| self-check: max abs logit diff, reloaded vs in-memory ({record['selfcheck_prompts']} prompts) | "
-        f"{record['selfcheck_max_abs_diff']:.3g} |",
+        *_selfcheck_rows(record),
         *_evaluation_rows(record),
         "",
         "The run's report.md / report.html next to this folder compares every variant side by side.",
         "",
+        *(_gguf_serve_lines(record, folder) if record.get("gguf") else _serve_lines(record)),
+    ]
+    return "\n".join(lines)
+
+
+def _method_lines(record: dict) -> list[str]:
+    """How the weights were made, by which library."""
+    env = record["environment"]
+    if g := record.get("gguf"):
+        imatrix = (f", weighted by an importance matrix of {g['imatrix_tensors']} tensors (mean squared input "
+                   f"activation per column, observed on the calibration data below)" if g["imatrix"] else
+                   ", no importance matrix")
+        via = (f"{g['converter']} to {g['intermediate']}, then {g['quantizer']} to {g['type_requested']}{imatrix}"
+               if g["intermediate"] else f"{g['converter']} straight to {g['type_requested']}")
+        return [f"- method: `gguf`, file type `{g['type_requested']}`: {via}",
+                f"- tensor types actually stored: {_types_text(g['types'])}; {g['bits_per_weight']:.2f} bits per "
+                f"weight over {g['params']:,} parameters. llama.cpp picks each tensor's type: a K-quant needs rows "
+                f"that are a multiple of 256 weights, and tensors whose rows are not fall back to a 32-block type",
+                f"- file: `{g['file']}`, {g['file_bytes'] / 1e6:.1f} MB ({g['tensor_bytes'] / 1e6:.1f} MB of tensors; "
+                f"the rest is metadata and the tokenizer{', ' + g['tokenizer'] if g.get('tokenizer') else ''})"]
+    if b := record.get("bnb"):
+        extra = (f"blocks of {b['block_size']}, double quantization {'on' if b['double_quant'] else 'off'}, "
+                 f"compute dtype {b['compute_dtype']}" if b["format"] == "NF4"
+                 else f"int8 rows, activation outliers above {b['outlier_threshold']:g} computed in 16 bits")
+        return [f"- method: `{record['method']}`, {b['format']} via bitsandbytes {b['bitsandbytes']} ({extra}), "
+                f"quantized as transformers {env['transformers']} loaded the full-precision weights",
+                f"- layers kept unquantized: {', '.join(b['skip_modules']) or 'none'}"]
+    return [f"- method: `{record['method']}`, scheme `{record['scheme']}`, via llm-compressor "
+            f"{env['llmcompressor']} (compressed-tensors {env['compressed_tensors']})",
+            f"- ignored layers (kept in {record['saved_dtype']}): {', '.join(record['ignore']) or 'none'}"]
+
+
+def _selfcheck_rows(record: dict) -> list[str]:
+    n = record["selfcheck_prompts"]
+    if c := record.get("selfcheck"):  # GGUF: two engines reading the same file, and the file vs its source
+        return [f"| self-check: llama.cpp vs transformers reading this file, mean KL ({n} prompts, {c['positions']} "
+                f"positions) | {c['engines_kl_mean']:.2g} nats, top-1 agreement {100 * c['engines_top1_agreement']:.0f} % |",
+                f"| this file (llama.cpp) vs the full-precision weights it was made from, mean KL | "
+                f"{c['source_kl_mean']:.3g} nats, top-1 agreement {100 * c['source_top1_agreement']:.0f} % |",
+                f"| llama.cpp's tokenizer gives the HF tokenizer's ids on the self-check prompts | "
+                f"{'yes' if c.get('tokenizer_agrees') else 'NO: text tokenized by llama.cpp differs'} |"]
+    return [f"| self-check: max abs logit diff, reloaded vs in-memory ({n} prompts) | "
+            f"{record['selfcheck_max_abs_diff']:.3g} |"]
+
+
+def _types_text(types: dict) -> str:
+    return ", ".join(f"{name} × {e['tensors']} ({e['bytes'] / 1e6:.1f} MB)" for name, e in types.items())
+
+
+def _serve_lines(record: dict) -> list[str]:
+    return [
         "## Serve",
         "",
         "```",
@@ -68,7 +118,28 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
         "llm-compressor's own recipe; `manifest.json` lists the sha256 and size of every file.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def _gguf_serve_lines(record: dict, folder: Path) -> list[str]:
+    name = record["gguf"]["file"]
+    path = (folder / name).resolve()
+    return [
+        "## Run",
+        "",
+        "```",
+        f"{record['serve']}                                  # llama.cpp's server",
+        f"printf 'FROM {path}\\n' > Modelfile && ollama create {record['name']} -f Modelfile   # Ollama",
+        f"lms import {path}                                             # LM Studio",
+        "```",
+        "",
+        f"or in Python: `llama_cpp.Llama(model_path=\"{name}\")`; transformers reads it too, dequantized to full "
+        f"precision: `AutoModelForCausalLM.from_pretrained(\"<this folder>\", gguf_file=\"{name}\")`.",
+        "",
+        "Files: the GGUF file (weights, tokenizer and chat template inside); the HF tokenizer files it was made "
+        "with; `compress-recipe.yaml`, this variant's compress recipe; `manifest.json`, the sha256 and size of "
+        "every file.",
+        "",
+    ]
 
 
 def _evaluation_rows(record: dict) -> list[str]:
@@ -92,9 +163,13 @@ def _evaluation_rows(record: dict) -> list[str]:
         rows.append(f"| average recovery of the baseline's task scores | {avg['pct']:.1f} %{ci_text} |")
     if th := record.get("throughput"):
         one = th["batches"].get("1")
+        threads = f", {th['threads']} thread{'s' if th['threads'] != 1 else ''}" if th.get("threads") else ""
         if one:
-            rows.append(f"| decode, batch 1 ({th['engine']}, {th['device']}, {th['dtype']}) | "
+            rows.append(f"| decode, batch 1 ({th['engine']}{threads}, {th['device']}, {th['dtype']}) | "
                         f"{one['tok_per_sec']:.1f} tok/s, TTFT {1000 * one['ttft_s']:.0f} ms |")
+        if rf := record.get("roofline"):
+            rows.append(f"| roofline: {rf['bytes_per_token'] / 1e6:.1f} MB read per token, bound "
+                        f"{rf['bound_tok_per_sec']:.0f} tok/s | {100 * rf['utilisation']:.0f} % of the bound |")
         rows.append(f"| peak memory ({th['memory_kind']}) | {th['peak_memory_bytes'] / 1e6:.0f} MB |")
     return rows
 

@@ -45,7 +45,7 @@ def configure_cpu() -> int:
 
 
 def environment(device: str, dtype) -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
@@ -63,6 +63,11 @@ def environment(device: str, dtype) -> dict:
         "compressed_tensors": version("compressed-tensors"),
         "lm_eval": version("lm-eval"),
     }
+    for key, dist in (("bitsandbytes", "bitsandbytes"), ("llama_cpp_python", "llama-cpp-python")):
+        try:  # the optional backends (the `edge` extra), by their installed metadata: nothing heavy is imported
+            env[key] = version(dist)
+        except PackageNotFoundError:
+            pass
     if device == "cpu":
         env["device_name"] = _cpu_model() or env["device_name"]
     return env

@@ -80,11 +80,13 @@ def apply_kv_cache(model, record: dict) -> dict:
     return {"format": kv.label, "how": "quantize-dequantize as K/V enter the cache (compress.kvcache)"}
 
 
-def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
+def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) -> str:
     import lm_eval
 
     data_dir = Path(ev.data_dir).expanduser()
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
+    if settings["throughput"] and not gguf:  # llama.cpp's threads change only the figures of GGUF rows
+        settings["throughput"].pop("llamacpp_threads")
     blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
@@ -92,9 +94,23 @@ def eval_key(ev: Evaluation, cache_key: str, device: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def load_checkpoint(folder: Path, dtype, device: str):
+    """A saved checkpoint loaded with plain transformers, as a user would."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+
+
+def llamacpp_model(path: Path, context: int):
+    """llama.cpp on one GGUF file, giving logits per window (compress.llamacpp, imported only for GGUF rows)."""
+    from compress import llamacpp
+
+    return llamacpp.GGUFModel(path, context=context)
+
+
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from compress import perplexity, throughput
     from compress.recovery import recovery
@@ -116,7 +132,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
 
     for name in tqdm(names, desc="evaluate", unit="variant"):
         record = records[name]
-        key = eval_key(ev, record["cache_key"], device)
+        gguf = record.get("gguf")
+        key = eval_key(ev, record["cache_key"], device, gguf=bool(gguf))
         path = eval_dir / f"{name}.json"
         cached = json.loads(path.read_text()) if path.is_file() else None
         if cached and cached.get("eval_key") == key:
@@ -125,7 +142,10 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             continue
         log.info("stage evaluate: %s from %s", name, record["checkpoint"])
         folder = Path(record["checkpoint"])
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+        # GGUF rows: perplexity, KL and decode run in llama.cpp on the file itself; lm-eval needs a transformers
+        # model, so the tasks read the same file dequantized (same weights, fp32 arithmetic)
+        gguf_path = folder / gguf["file"] if gguf else None
+        model = None if gguf else load_checkpoint(folder, dtype, device)
         tok = AutoTokenizer.from_pretrained(folder)
         result: dict = {"eval_key": key}
         if record.get("kv_cache"):
@@ -135,22 +155,33 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                 text = (data_dir / ev.perplexity.file).read_text()
                 ppl_ids = tok(text, return_tensors="pt").input_ids[0]
             if name != base_name and reference is None and base_name is not None:
-                reference = AutoModelForCausalLM.from_pretrained(Path(records[base_name]["checkpoint"]),
-                                                                 dtype=dtype, device_map=device).eval()
-            p = perplexity.evaluate_tokens(model, ppl_ids, context=ev.perplexity.context,
-                                           stride=ev.perplexity.stride, max_windows=ev.perplexity.max_windows,
-                                           reference=None if name == base_name else reference)
+                reference = load_checkpoint(Path(records[base_name]["checkpoint"]), dtype, device)
+            scorer = llamacpp_model(gguf_path, ev.perplexity.context) if gguf else model
+            try:
+                p = perplexity.evaluate_tokens(scorer, ppl_ids, context=ev.perplexity.context,
+                                               stride=ev.perplexity.stride, max_windows=ev.perplexity.max_windows,
+                                               reference=None if name == base_name else reference)
+            finally:
+                if gguf:
+                    scorer.close()
             kl = p.pop("kl", None) if name != base_name else {"mean": 0.0, "stderr": 0.0, "top1_agreement": 1.0,
                                                                "tokens": p["tokens"]}
-            result["perplexity"] = {**p, "file": str(data_dir / ev.perplexity.file)}
+            engine = "llama.cpp" if gguf else "transformers"
+            result["perplexity"] = {**p, "file": str(data_dir / ev.perplexity.file), "engine": engine}
             result["kl"] = kl
-            log.info("stage perplexity: %s ppl %.3f, KL %.4g over %d tokens", name, p["value"],
-                     kl["mean"] if kl else float("nan"), p["tokens"])
+            log.info("stage perplexity: %s ppl %.3f, KL %.4g over %d tokens (%s)", name, p["value"],
+                     kl["mean"] if kl else float("nan"), p["tokens"], engine)
         if ev.tasks:
             from compress.accuracy import run_tasks
 
+            if model is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf["file"], dtype=dtype,
+                                                             device_map=device).eval()
             result["tasks"] = run_tasks(model, tok, ev.tasks, data_dir, num_fewshot=ev.num_fewshot, limit=ev.limit,
                                         batch_size=ev.batch_size, device=device)
+            result["tasks_engine"] = ("transformers, GGUF dequantized on load" if gguf else "transformers")
         if ev.throughput and record.get("kv_cache"):
             log.info("stage throughput: %s skipped: transformers only simulates its KV format, so its decode speed "
                      "would not be that of an engine storing the cache that way", name)
@@ -160,12 +191,22 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                 log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)
                 bandwidth = throughput.measure_bandwidth(device=device)
             result["bandwidth"] = bandwidth
-            log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
-                     name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
-            bench = throughput.benchmark_checkpoint_in_subprocess(
-                folder, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, batch_sizes=t.batch_sizes,
-                repeats=t.repeats, device=device, dtype=str(dtype).removeprefix("torch."),
-                bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
+            if gguf:
+                from compress import llamacpp
+
+                log.info("stage throughput: %s with llama.cpp (%s threads), %d prompt + %d new tokens, batch 1, "
+                         "%d repeats (own process)", name, t.llamacpp_threads or "all", t.prompt_tokens,
+                         t.new_tokens, t.repeats)
+                bench = llamacpp.decode_benchmark_in_subprocess(
+                    gguf_path, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, repeats=t.repeats,
+                    threads=t.llamacpp_threads, bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
+            else:
+                log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
+                         name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
+                bench = throughput.benchmark_checkpoint_in_subprocess(
+                    folder, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, batch_sizes=t.batch_sizes,
+                    repeats=t.repeats, device=device, dtype=str(dtype).removeprefix("torch."),
+                    bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
             rooflines = bench.pop("roofline")
             result["throughput"] = bench
             result["roofline"] = rooflines.get("1") or next(iter(rooflines.values()))

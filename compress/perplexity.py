@@ -30,10 +30,20 @@ def window_spans(n_tokens: int, context: int, stride: int, max_windows: int | No
     return spans
 
 
+def window_logits(model, window):
+    """Logits [T, vocab] of `model` for one window (a [1, T] tensor of ids).
+
+    `model` is a transformers model, or any engine with `window_logits(ids) -> tensor [T, vocab]` that starts each
+    window from an empty cache (compress.llamacpp.GGUFModel: llama.cpp's logits, for GGUF rows)."""
+    if hasattr(model, "window_logits"):
+        return model.window_logits(window[0].tolist())
+    return model(window).logits[0]
+
+
 def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int | None, reference=None) -> dict:
     """Perplexity of `model` on token ids (1-D tensor); with `reference` (the baseline model), also KL and top-1.
 
-    Both models see identical windows, so the per-token KL values pair exactly.
+    Both models see identical windows, so the per-token KL values pair exactly, whichever engine computes each.
     """
     import torch
     from tqdm import tqdm
@@ -45,13 +55,14 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
         for begin, end, first in tqdm(spans, desc="perplexity" + (" + KL" if reference is not None else ""),
                                       unit="window", leave=False):
             window = ids[begin:end].unsqueeze(0).to(model.device)
-            logp = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
-            targets = window[0, 1:]
+            logp = torch.log_softmax(window_logits(model, window)[:-1].float(), dim=-1)
+            targets = window[0, 1:].to(logp.device)
             scored = slice(first - begin - 1, end - begin - 1)  # logits at position t predict token t + 1
             nll_sum -= float(logp[scored].gather(1, targets[scored, None]).sum())
             count += scored.stop - scored.start
             if reference is not None:
-                ref_logp = torch.log_softmax(reference(window.to(reference.device)).logits[0, :-1].float(), dim=-1)
+                ref_logp = torch.log_softmax(window_logits(reference, window.to(reference.device))[:-1].float(),
+                                             dim=-1)
                 ref_logp, q_logp = ref_logp[scored].to(logp.device), logp[scored]
                 kl_values.append((ref_logp.exp() * (ref_logp - q_logp)).sum(-1).cpu())
                 agree += int((ref_logp.argmax(-1) == q_logp.argmax(-1)).sum())

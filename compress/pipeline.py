@@ -25,7 +25,7 @@ from compress import calibration as calib
 from compress import checkpoint, evaluate
 from compress.card import model_card, serve_command
 from compress.load import Source, load_config, load_model, resolve_device_dtype, resolve_source
-from compress.recipe import InputError, Recipe, Variant
+from compress.recipe import BNB_METHODS, InputError, Recipe, Variant
 
 log = logging.getLogger("compress")
 
@@ -56,7 +56,29 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
             _not_evaluated_on(Path(v.distill.data), f"{recipe_path}: {field}", eval_files)
     resolve_device_dtype(recipe.model)
     check_group_sizes(recipe, recipe_path, load_config(source))
+    check_backends(recipe, recipe_path)
     return source
+
+
+# optional backends: (import name, what needs it, the pip extra that installs it)
+BACKENDS = {"bnb": ("bitsandbytes", "bitsandbytes"), "gguf": ("llama_cpp", "llama-cpp-python")}
+
+
+def check_backends(recipe: Recipe, recipe_path: Path) -> None:
+    """A variant whose backend is not installed fails up front, naming the extra to install, before any work."""
+    import importlib.util
+
+    errors = []
+    for i, v in enumerate(recipe.variants):
+        kind = "bnb" if v.method in BNB_METHODS else v.method
+        if kind not in BACKENDS:
+            continue
+        module, package = BACKENDS[kind]
+        if importlib.util.find_spec(module) is None:
+            errors.append(f"{recipe_path}: {recipe.field_path(i, 'method')}: {v.method!r} needs {package}, which is "
+                          f"not installed; install the optional extra: pip install -e '.[edge]'")
+    if errors:
+        raise InputError("\n".join(errors))
 
 
 def _not_evaluated_on(path: Path, field: str, eval_files: set[Path]) -> None:
@@ -93,12 +115,24 @@ def _calibration_settings(recipe: Recipe, v: Variant) -> dict | None:
             "samples": v.samples or cal.samples, "seq_len": v.seq_len or cal.seq_len}
 
 
+LATER_FIELDS = ("kv_cache", "distill", "compute_dtype", "double_quant", "gguf_type", "imatrix")
+
+
+def variant_versions(v: Variant, versions: dict, env: dict) -> dict:
+    """The library versions that decide a variant's weights: the common ones, plus its backend's."""
+    if v.method in BNB_METHODS:
+        return {**versions, "bitsandbytes": env.get("bitsandbytes")}
+    if v.method == "gguf":
+        return {**versions, "llama_cpp_python": env.get("llama_cpp_python")}
+    return versions
+
+
 def cache_key(recipe: Recipe, v: Variant, source: Source, device: str, dtype, versions: dict) -> str:
     cal = _calibration_settings(recipe, v)
     if cal is not None:
         cal = {**cal, "digest": calib.file_digest(recipe.calibration)}
     # fields added later hash only when set, so checkpoints built before they existed stay valid
-    variant = v.model_dump(exclude={k for k in ("kv_cache", "distill") if getattr(v, k) is None})
+    variant = v.model_dump(exclude={k for k in LATER_FIELDS if getattr(v, k) is None})
     blob = {"model": source.fingerprint, "variant": variant, "calibration": cal, "device": device,
             "dtype": str(dtype), "versions": versions,
             "selfcheck": recipe.evaluation.model_dump(include={"selfcheck_prompts", "selfcheck_max_abs_diff"})}
@@ -189,7 +223,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     for v in bar:
         bar.set_postfix_str(v.name)
         dest = output / v.name
-        key = cache_key(recipe, v, source, device, dtype, versions)
+        key = cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
         manifest = checkpoint.verify(dest, key)
         if manifest is not None and manifest.get("record", {}).get("status") == "ok":
             log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
@@ -254,12 +288,17 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
 
     from compress.environment import peak_memory_bytes, reset_peak_memory
 
+    if v.method == "gguf":
+        return build_gguf_variant(recipe, v, source, source_info, device, dtype, env, key, dest, windows)
     output = dest.parent
     reset_peak_memory(device)
-    log.info("stage load: %s for variant %s", source.description, v.name)
     offload = recipe.model.offload
     offload_dir = Path(offload.folder) if offload and offload.folder else output / ".offload"
-    if offload:
+    if v.method in BNB_METHODS and not v.distill:  # bitsandbytes quantizes while transformers loads the folder
+        from transformers import AutoTokenizer
+
+        model, tok = None, AutoTokenizer.from_pretrained(source.path)
+    elif offload:
         from transformers import AutoTokenizer
 
         from compress.quantize import load_offloaded
@@ -268,27 +307,23 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         model = load_offloaded(source.path, dtype, offload.max_cpu_memory_gb * 1e9, offload_dir)
         tok = AutoTokenizer.from_pretrained(source.path)
     else:
+        log.info("stage load: %s for variant %s", source.description, v.name)
         model, tok = load_model(source, device, dtype)
     cal = _calibration_settings(recipe, v)
     t0 = time.perf_counter()
-    distilled = None
-    if v.distill:
-        from distill.student import build_student, summary
+    model, distilled, weights_folder = _student_or_model(v, model, tok, source, output, device, dtype, env)
+    if v.method in BNB_METHODS:
+        from compress import bnb
 
-        folder = output / ".students" / student_key(v, source, device, dtype, env)
-        model, info = build_student(model, tok, v.distill, folder, device, dtype)
-        distilled = summary(info)
-    uses_llmcompressor = v.method not in ("baseline", "none") or v.kv_in_checkpoint
+        del model  # the student, if any, is on disk: bitsandbytes quantizes it as transformers loads it
+        log.info("stage compress: %s %s with bitsandbytes %s", v.name, v.scheme, bnb.version())
+        model = bnb.load_quantized(weights_folder, v, device, dtype)
+    uses_llmcompressor = v.uses_llmcompressor
     if uses_llmcompressor:
         batch = None
         if cal is not None:
-            shape = (cal["samples"], cal["seq_len"])
-            if shape not in windows:
-                log.info("stage calibration-data: packing %d x %d tokens from %s", *shape, cal["source"])
-                windows[shape] = calib.pack_token_windows(calib.load_texts(recipe.calibration), tok, *shape,
-                                                          seed=cal["seed"])
-            batch = windows[shape]
-            cal = {**cal, "tokens": shape[0] * shape[1], "windows_digest": calib.windows_digest(batch)}
+            batch = _calibration_windows(recipe, cal, tok, windows)
+            cal = {**cal, "tokens": len(batch) * len(batch[0]), "windows_digest": calib.windows_digest(batch)}
         from compress.quantize import compress_model
 
         log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
@@ -297,11 +332,15 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     peak_bytes, peak_kind = peak_memory_bytes(device)  # model load + compression (+ calibration data)
 
     prompts = recipe.evaluation.selfcheck_prompts
-    reference = checkpoint.reference_logits(model, tok, prompts)
     staging = checkpoint.new_staging_dir(output, v.name)
     try:
         log.info("stage save: %s -> %s", v.name, dest)
-        checkpoint.save_model(model, tok, staging, quantized=uses_llmcompressor)
+        if v.method in BNB_METHODS:  # saved before its first forward: see compress/bnb.py (CPU repacking)
+            checkpoint.save_model(model, tok, staging, quantized=False)
+            reference = checkpoint.reference_logits(model, tok, prompts)
+        else:
+            reference = checkpoint.reference_logits(model, tok, prompts)
+            checkpoint.save_model(model, tok, staging, quantized=uses_llmcompressor)
         del model
         log.info("stage self-check: reloading %s from disk", v.name)
         reload = None
@@ -328,8 +367,11 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
             "selfcheck_prompts": len(prompts), "calibration": cal, "cache_key": key,
             "kv_cache": v.kv_cache.model_dump() if v.kv_cache else None, "kv_in_checkpoint": v.kv_in_checkpoint,
             "distill": distilled,
-            "serve": serve_command(dest, saved_dtype, kv_fp8=v.kv_in_checkpoint), "environment": env,
+            "serve": serve_command(dest, saved_dtype, kv_fp8=v.kv_in_checkpoint,
+                                   bitsandbytes=v.method in BNB_METHODS), "environment": env,
         }
+        if v.method in BNB_METHODS:
+            record["bnb"] = _bnb_facts(v, dtype, env)
         (staging / "README.md").write_text(model_card(record, source_info, dest))
         checkpoint.finalize(staging, dest, key, record)  # sets record["size_bytes"]
     finally:
@@ -341,3 +383,210 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
     log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.scheme,
              record["weights_bytes"] / 1e6, compress_seconds, diff)
     return record
+
+
+def _student_or_model(v: Variant, model, tok, source: Source, output: Path, device: str, dtype, env: dict):
+    """(the model this variant compresses, the distillation summary or None, the folder of its full-precision
+    weights): the loaded model itself, or the student distilled from it (trained once, shared by variants)."""
+    if not v.distill:
+        return model, None, Path(source.path)
+    from distill.student import build_student, summary
+
+    folder = output / ".students" / student_key(v, source, device, dtype, env)
+    student, info = build_student(model, tok, v.distill, folder, device, dtype)
+    return student, summary(info), folder / "student"
+
+
+def _calibration_windows(recipe: Recipe, cal: dict, tok, windows: dict) -> list[list[int]]:
+    """The run's calibration token windows of this shape, packed once per run."""
+    shape = (cal["samples"], cal["seq_len"])
+    if shape not in windows:
+        log.info("stage calibration-data: packing %d x %d tokens from %s", *shape, cal["source"])
+        windows[shape] = calib.pack_token_windows(calib.load_texts(recipe.calibration), tok, *shape, seed=cal["seed"])
+    return windows[shape]
+
+
+def _bnb_facts(v: Variant, dtype, env: dict) -> dict:
+    compute = v.compute_dtype or str(dtype).removeprefix("torch.")
+    if v.method == "bnb-nf4":
+        return {"format": "NF4", "block_size": 64, "double_quant": bool(v.double_quant), "compute_dtype": compute,
+                "skip_modules": v.ignore, "bitsandbytes": env.get("bitsandbytes")}
+    return {"format": "LLM.int8", "outlier_threshold": 6.0, "skip_modules": v.ignore,
+            "bitsandbytes": env.get("bitsandbytes")}
+
+
+def build_gguf_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict, device: str, dtype, env: dict,
+                       key: str, dest: Path, windows: dict) -> dict:
+    """A GGUF file of the variant's full-precision weights (the model, or its distilled student), made by llama.cpp's
+    converter and quantizer, self-checked, with a model card and manifest, renamed into place when complete.
+
+    Self-check: llama.cpp and transformers (which dequantizes GGUF on load) read the finished file and must agree
+    on the self-check prompts (mean KL of their next-token distributions <= GGUF_ENGINE_MAX_KL): the file is
+    readable by both, and the figures measured through either engine describe the same weights. Beside it, the
+    file's divergence from the full-precision source is recorded (the quantization error, not a pass/fail check).
+    """
+    import torch
+
+    from compress import gguf_file, llamacpp
+    from compress.environment import available_cores, peak_memory_bytes, reset_peak_memory
+
+    output = dest.parent
+    reset_peak_memory(device)
+    cal = _calibration_settings(recipe, v)
+    model = tok = None
+    distilled = None
+    weights_folder = local_folder(source)
+    if v.distill or v.imatrix:  # the student must be built; the importance matrix is observed on the HF model
+        log.info("stage load: %s for variant %s", source.description, v.name)
+        model, tok = load_model(source, device, dtype)
+    t0 = time.perf_counter()
+    if v.distill:
+        model, distilled, weights_folder = _student_or_model(v, model, tok, source, output, device, dtype, env)
+    imatrix_fn = None
+    if v.imatrix:
+        batch = _calibration_windows(recipe, cal, tok, windows)
+        cal = {**cal, "tokens": len(batch) * len(batch[0]), "windows_digest": calib.windows_digest(batch)}
+        imatrix_fn = _imatrix_for(model, batch)
+    staging = checkpoint.new_staging_dir(output, v.name)
+    try:
+        gguf_name = f"model-{v.gguf_type}.gguf"
+        log.info("stage compress: %s %s with llama.cpp (llama-cpp-python %s)", v.name, v.scheme, llamacpp.version())
+        exported = llamacpp.export(weights_folder, staging / gguf_name, v.gguf_type, imatrix_fn=imatrix_fn,
+                                   threads=available_cores(),
+                                   tokenizer_from=Path(source.gguf) if source.gguf else None)
+        compress_seconds = time.perf_counter() - t0
+        peak_bytes, peak_kind = peak_memory_bytes(device)
+        summary = gguf_file.summarize(staging / gguf_name)
+        _copy_tokenizer(weights_folder, staging)
+        log.info("stage self-check: %s read back by llama.cpp and by transformers", gguf_name)
+        check = gguf_selfcheck(staging, gguf_name, weights_folder, recipe.evaluation.selfcheck_prompts,
+                               model, dtype)
+        if not check["engines_kl_mean"] <= GGUF_ENGINE_MAX_KL:  # also catches NaN
+            raise SelfCheckError(f"llama.cpp and transformers disagree on {gguf_name}: mean KL "
+                                 f"{check['engines_kl_mean']:.4g} > {GGUF_ENGINE_MAX_KL:g} nats on the self-check "
+                                 f"prompts (top-1 agreement {check['engines_top1_agreement']:.2f})")
+        model = imatrix_fn = None  # free the full-precision model before the card is written
+        (staging / "compress-recipe.yaml").write_text(yaml.safe_dump({
+            "model": recipe.model.model_dump(), "calibration": cal, "variant": v.model_dump()}, sort_keys=False))
+        record = {
+            "name": v.name, "method": v.method, "scheme": v.scheme, "bits": v.bits, "group_size": None,
+            "symmetric": None, "ignore": [], "status": "ok", "checkpoint": str(dest),
+            "saved_dtype": f"GGUF {v.gguf_type}", "weights_bytes": summary["tensor_bytes"],
+            "compress_seconds": round(compress_seconds, 2), "compress_peak_memory_bytes": peak_bytes,
+            "compress_peak_memory_kind": peak_kind, "selfcheck_max_abs_diff": check["engines_max_abs_diff"],
+            "selfcheck_prompts": len(recipe.evaluation.selfcheck_prompts), "selfcheck": check,
+            "calibration": cal, "cache_key": key, "kv_cache": None, "kv_in_checkpoint": False,
+            "distill": distilled,
+            "gguf": {"file": gguf_name, "type_requested": v.gguf_type, "imatrix": bool(v.imatrix),
+                     "tokenizer": (f"from the source GGUF file {Path(source.gguf).name}" if source.gguf
+                                   else "written by the converter from the HF tokenizer"),
+                     "imatrix_tensors": exported["imatrix_tensors"], "intermediate": exported["intermediate"],
+                     "converter": f"convert_hf_to_gguf.py of llama-cpp-python {llamacpp.version()}",
+                     "quantizer": (f"llama_model_quantize of llama-cpp-python {llamacpp.version()}"
+                                   if exported["intermediate"] else None),
+                     **{k: summary[k] for k in ("file_bytes", "tensor_bytes", "params", "bits_per_weight", "types",
+                                                "architecture", "n_layers", "n_kv_heads", "head_dim")}},
+            "serve": gguf_serve_command(dest / gguf_name), "environment": env,
+        }
+        (staging / "README.md").write_text(model_card(record, source_info, dest))
+        checkpoint.finalize(staging, dest, key, record)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    log.info("stage variant-done: %s %s, %.1f MB tensors (%s), %.1f s compress, llama.cpp vs transformers KL %.3g",
+             v.name, v.scheme, summary["tensor_bytes"] / 1e6, gguf_file.types_text(summary), compress_seconds,
+             check["engines_kl_mean"])
+    return record
+
+
+def _imatrix_for(model, windows: list[list[int]]):
+    """The importance-matrix callback of llamacpp.export: given the F16 GGUF file, observe `model` on the
+    calibration `windows` and key the statistic by that file's tensor names."""
+    def imatrix_fn(f16_path: Path) -> dict:
+        from compress import gguf_file
+        from compress.imatrix import gguf_tensor_names, importance_matrix
+
+        summary = gguf_file.summarize(f16_path)
+        names = gguf_tensor_names(model, summary["architecture"], set(summary["tensor_types"]))
+        log.info("stage imatrix: mean x^2 of %d weight inputs over %d x %d calibration tokens", len(names),
+                 len(windows), len(windows[0]))
+        return importance_matrix(model, windows, names)
+
+    return imatrix_fn
+
+
+# llama.cpp multiplies quantized weights with activations it rounds to 8 bits (Q8_0/Q8_K blocks) and keeps the KV
+# cache in F16; transformers multiplies the same dequantized weights in fp32. Measured between the two engines on
+# SmolLM2's three default self-check prompts (23 positions): F16 4e-6, Q8_0 0.004, Q4_K_M 0.015, Q4_0 0.08 nats
+# (this 135M model amplifies small perturbations: Q4_0 itself is 0.9 nats from its source on the same positions).
+# A file the engines read differently (tensor layout, RoPE, norms, vocabulary) disagrees by whole nats.
+GGUF_ENGINE_MAX_KL = 0.25
+
+
+def local_folder(source: Source) -> Path:
+    """The source's HF folder on disk (llama.cpp's converter reads files, not hub ids): a hub model is fetched into
+    the Hugging Face cache once, at the revision its fingerprint names."""
+    if source.kind != "hub":
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source.path, revision=source.fingerprint.rsplit("@", 1)[-1]))
+
+
+def gguf_selfcheck(folder: Path, gguf_name: str, weights_folder: Path, prompts: list[str], model, dtype) -> dict:
+    """Logits on the self-check prompts from llama.cpp and from transformers for the same GGUF file, and from the
+    full-precision source; returns the engines' agreement and the file's divergence from its source."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress import llamacpp
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(weights_folder, dtype=dtype).eval()
+    engine = llamacpp.GGUFModel(folder / gguf_name, context=max(len(i) for i in ids) + 1)
+    try:
+        tokenizer_agrees = all(engine.llm.tokenize(p.encode(), add_bos=False, special=False)
+                               == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
+        with torch.no_grad():
+            cpp = [engine.window_logits(i).float() for i in ids]
+            hf = [loaded(torch.tensor([i])).logits[0].float() for i in ids]
+            src = [model(torch.tensor([i], device=model.device)).logits[0].float().cpu() for i in ids]
+    finally:
+        engine.close()
+        del loaded
+    engines, vs_source = _divergence(hf, cpp), _divergence(src, cpp)
+    return {"engines_kl_mean": engines["kl_mean"], "engines_top1_agreement": engines["top1_agreement"],
+            "engines_max_abs_diff": engines["max_abs_diff"], "source_kl_mean": vs_source["kl_mean"],
+            "source_top1_agreement": vs_source["top1_agreement"], "positions": engines["positions"],
+            "tokenizer_agrees": tokenizer_agrees}
+
+
+def _divergence(reference: list, other: list) -> dict:
+    """Mean KL(P_reference || P_other) over every position of every prompt, top-1 agreement, max |logit diff|."""
+    import torch
+
+    ref = torch.cat(reference).double().log_softmax(-1)
+    oth = torch.cat(other).double().log_softmax(-1)
+    kl = (ref.exp() * (ref - oth)).sum(-1)
+    return {"kl_mean": float(kl.mean()), "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).double().mean()),
+            "max_abs_diff": float((torch.cat(reference) - torch.cat(other)).abs().max()), "positions": len(kl)}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "generation_config.json")
+
+
+def _copy_tokenizer(weights_folder: Path, staging: Path) -> None:
+    """The HF tokenizer beside the GGUF file: the GGUF carries its own, but lm-eval and the perplexity windows
+    tokenize with the HF one, exactly as for every other row (and `vllm serve FILE --tokenizer FOLDER` wants it)."""
+    for name in TOKENIZER_FILES:
+        if (weights_folder / name).is_file():
+            shutil.copy2(weights_folder / name, staging / name)
+
+
+def gguf_serve_command(path: Path) -> str:
+    return f"llama-server -m {path.resolve()}"

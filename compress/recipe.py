@@ -32,9 +32,24 @@ METHOD_BITS: dict[str, tuple[int, ...]] = {
     "awq": (4,),
     "smoothquant-gptq": (8,),
     "fp8": (8,),
+    "bnb-nf4": (4,),
+    "bnb-int8": (8,),
+    "gguf": (),  # the bits follow from gguf_type (GGUF_TYPE_BITS)
 }
 CALIBRATED_METHODS = ("gptq", "awq", "smoothquant-gptq")
 GROUPED_METHODS = ("rtn", "gptq", "awq")  # methods whose weights may be quantized in groups along the input dim
+BNB_METHODS = ("bnb-nf4", "bnb-int8")  # quantized by bitsandbytes as transformers loads the weights
+
+# llama.cpp file types a GGUF variant can ask for, with the nominal bits of their main weights. F32/F16/BF16 come
+# straight from llama.cpp's converter; the others from its quantizer (llama_model_quantize), which picks the type
+# of each tensor itself: a "_M"/"_S" mixture gives some tensors more bits, and a tensor whose row length is not a
+# multiple of the type's block (256 for the K-quants) falls back to a 32-block type. The report lists the types the
+# file really holds.
+GGUF_TYPE_BITS: dict[str, int] = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 6, "Q5_K_M": 5, "Q5_K_S": 5, "Q5_1": 5, "Q5_0": 5,
+    "Q4_K_M": 4, "Q4_K_S": 4, "Q4_1": 4, "Q4_0": 4, "Q3_K_L": 3, "Q3_K_M": 3, "Q3_K_S": 3, "Q2_K": 2,
+}
+GGUF_UNQUANTIZED = ("F32", "F16", "BF16")
 
 
 class InputError(Exception):
@@ -180,7 +195,8 @@ class Variant(_Strict):
     """One row of the comparison table and one checkpoint directory."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    method: Literal["baseline", "none", "rtn", "gptq", "awq", "smoothquant-gptq", "fp8"]
+    method: Literal["baseline", "none", "rtn", "gptq", "awq", "smoothquant-gptq", "fp8", "bnb-nf4", "bnb-int8",
+                    "gguf"]
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
@@ -191,9 +207,20 @@ class Variant(_Strict):
     seq_len: int | None = Field(None, gt=0)  # overrides calibration.seq_len for this variant
     kv_cache: KVCache | None = None  # None: the model's own dtype (16-bit when served)
     distill: Distill | None = None  # train a smaller student first; the method then quantizes the student
+    # bitsandbytes NF4: the dtype its matmuls run in (default: the model's compute dtype, fp32 on CPU) and double
+    # quantization (the per-block absmax scales quantized again to 8 bits; saves ~0.4 bits per weight)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    double_quant: bool | None = None
+    # GGUF: the llama.cpp file type, and whether to quantize with an importance matrix observed on the calibration
+    # data (llama-imatrix's statistic: the mean squared activation of each input column of each weight)
+    gguf_type: str | None = None
+    imatrix: bool | None = None
 
     @model_validator(mode="after")
     def _method_rules(self) -> "Variant":
+        self._backend_rules()
+        if self.method in BNB_METHODS + ("gguf",):
+            return self
         allowed = METHOD_BITS[self.method]
         if self.method in ("baseline", "none"):
             extra = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac")
@@ -233,10 +260,59 @@ class Variant(_Strict):
             raise ValueError(f"method {self.method!r} uses no calibration data; remove samples/seq_len")
         return self
 
+    def _backend_rules(self) -> None:
+        """bitsandbytes and GGUF variants: their own keys, and none of the llm-compressor ones.
+
+        Their formats are fixed by the backend (NF4 blocks of 64, LLM.int8 per row, llama.cpp's block types), so
+        bits, group_size, symmetric and the GPTQ/SmoothQuant knobs would be ignored; say so instead."""
+        mine = {"bnb-nf4": ("compute_dtype", "double_quant"), "bnb-int8": (), "gguf": ("gguf_type", "imatrix")}
+        for key in ("compute_dtype", "double_quant", "gguf_type", "imatrix"):
+            if getattr(self, key) is not None and key not in mine.get(self.method, ()):
+                owner = next(m for m, keys in mine.items() if key in keys)
+                raise _field_error(key, f"only method {owner!r} takes {key}")
+        if self.method not in mine:
+            return
+        foreign = [k for k in ("bits", "group_size", "symmetric", "smoothing_strength", "dampening_frac")
+                   if getattr(self, k) is not None]
+        if foreign:
+            raise ValueError(f"method {self.method!r} fixes its own format; remove {foreign}"
+                             + (" (choose the llama.cpp type with gguf_type)" if self.method == "gguf" else ""))
+        if self.kv_cache is not None:
+            raise _field_error("kv_cache", f"method {self.method!r} keeps its engine's own KV cache; quantized KV "
+                                           f"caches go with methods none/rtn/gptq/awq/smoothquant-gptq/fp8")
+        if self.method == "gguf":
+            if self.gguf_type is None:
+                raise _field_error("gguf_type", f"method 'gguf' needs a llama.cpp file type, one of "
+                                                f"{list(GGUF_TYPE_BITS)}")
+            if self.gguf_type.upper() not in GGUF_TYPE_BITS:
+                raise _field_error("gguf_type", f"expected one of {list(GGUF_TYPE_BITS)}, got {self.gguf_type!r}")
+            self.gguf_type = self.gguf_type.upper()
+            if self.imatrix and self.gguf_type in GGUF_UNQUANTIZED:
+                raise _field_error("imatrix", f"{self.gguf_type} is not quantized; an importance matrix changes "
+                                              f"nothing")
+            if "ignore" in self.model_fields_set:
+                raise _field_error("ignore", "llama.cpp chooses each tensor's type itself (the file type's "
+                                             "mixture); remove ignore")
+            self.bits = GGUF_TYPE_BITS[self.gguf_type]
+        else:
+            self.bits = METHOD_BITS[self.method][0]
+            if self.method == "bnb-nf4" and self.double_quant is None:
+                self.double_quant = True
+        if (self.samples or self.seq_len) and not self.calibrated:
+            raise ValueError(f"method {self.method!r} uses no calibration data here; remove samples/seq_len"
+                             + (" (or set imatrix: true)" if self.method == "gguf" else ""))
+
     @property
     def calibrated(self) -> bool:
-        """Needs calibration text: a calibrated weight method, or fp8 KV scales."""
-        return self.method in CALIBRATED_METHODS or bool(self.kv_cache and self.kv_cache.calibrated)
+        """Needs calibration text: a calibrated weight method, fp8 KV scales, or a GGUF importance matrix."""
+        return (self.method in CALIBRATED_METHODS or bool(self.kv_cache and self.kv_cache.calibrated)
+                or bool(self.method == "gguf" and self.imatrix))
+
+    @property
+    def uses_llmcompressor(self) -> bool:
+        """Built by llm-compressor (a compressed-tensors checkpoint), rather than by bitsandbytes or llama.cpp, or
+        saved unchanged."""
+        return self.method not in ("baseline", "none", "gguf") + BNB_METHODS or self.kv_in_checkpoint
 
     @property
     def kv_in_checkpoint(self) -> bool:
@@ -255,6 +331,12 @@ class Variant(_Strict):
             kv += f" (student {layers}, {'KD ' + str(d.steps) + ' steps' if d.steps else 'pruned, untrained'})"
         if self.method in ("baseline", "none"):
             return "unquantized" + kv
+        if self.method == "bnb-nf4":
+            return f"NF4{'-dq' if self.double_quant else ''} (bitsandbytes)" + kv
+        if self.method == "bnb-int8":
+            return "LLM.int8 (bitsandbytes)" + kv
+        if self.method == "gguf":
+            return f"GGUF {self.gguf_type}{' imatrix' if self.imatrix else ''}" + kv
         if self.method == "fp8":
             return "FP8-dynamic" + kv
         if self.method == "smoothquant-gptq":
@@ -283,8 +365,12 @@ class ThroughputSettings(_Strict):
 
     prompt_tokens: int = Field(128, gt=0)
     new_tokens: int = Field(64, gt=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)  # llama.cpp rows: batch 1 only
     repeats: int = Field(3, gt=0)
+    # threads of the llama.cpp engine (GGUF rows); None: every core this process may use. On a 2-core machine
+    # where another process holds a core, llama.cpp's spin-waiting threads collapse and 1 thread is faster: this
+    # is a setting because the best value is a property of the machine, measured by benchmarks/edge_speed.py.
+    llamacpp_threads: int | None = Field(None, gt=0)
 
 
 class PlannerSettings(_Strict):

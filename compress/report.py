@@ -169,10 +169,16 @@ def variant_rows(results: dict) -> list[dict]:
         row.update({
             "recovery_avg_pct": _get(rec, "recovery", "average", "pct"),
             "recovery_avg_ci95_lo": ci[0], "recovery_avg_ci95_hi": ci[1],
+            "engine": engine_text(rec.get("throughput")),
             "tok_per_sec_b1": b1.get("tok_per_sec"),
             "tok_per_sec_b1_min": b1.get("tok_per_sec_min"), "tok_per_sec_b1_max": b1.get("tok_per_sec_max"),
+            "tok_per_sec_vs_baseline": (b1["tok_per_sec"] / base_tok if b1.get("tok_per_sec") and
+                                        (base_tok := _get(base, "throughput", "batches", "1", "tok_per_sec"))
+                                        else None),
             "ttft_s_b1": b1.get("ttft_s"),
             "peak_memory_bytes": _get(rec, "throughput", "peak_memory_bytes"),
+            "bytes_read_per_token": _get(rec, "roofline", "bytes_per_token"),
+            "bound_tok_per_sec": _get(rec, "roofline", "bound_tok_per_sec"),
             "roofline_utilisation": _get(rec, "roofline", "utilisation"),
             "compress_seconds": rec.get("compress_seconds"),
             "kv_format": _get(rec, "kv_memory", "format"), "kv_bytes_per_token": _get(rec, "kv_memory", "bytes_per_token"),
@@ -218,14 +224,25 @@ def display_columns(tasks: list[str], variants: list[dict]) -> list[tuple[str, c
         cols.append((f"{t} {metrics[t]} (%)", lambda r, t=t: _pm(r[f"{t}_value"], r[f"{t}_stderr"], ".1f", 100)))
     cols += [
         ("avg recovery (% [95% CI])", _recovery_text),
+        ("decode engine", lambda r: r["engine"] or DASH),
         ("tok/s (batch 1)", lambda r: _fmt(r["tok_per_sec_b1"], ".1f")),
+        ("× baseline tok/s", lambda r: _fmt(r["tok_per_sec_vs_baseline"], ".2f")),
         ("TTFT (ms)", lambda r: _fmt(r["ttft_s_b1"], ".0f", 1000)),
         ("peak memory (MB)", lambda r: _fmt(r["peak_memory_bytes"], ".0f", 1 / MB)),
+        ("read per token (MB)", lambda r: _fmt(r["bytes_read_per_token"], ".1f", 1 / MB)),
         ("roofline utilisation (%)", lambda r: _fmt(r["roofline_utilisation"], ".0f", 100)),
         ("compress time (s)", lambda r: _fmt(r["compress_seconds"], ".1f")),
         ("status", _status_text),
     ]
     return cols
+
+
+def engine_text(throughput: dict | None) -> str | None:
+    """'llama.cpp, 1 thread' / 'transformers-eager, 2 threads': the engine of a throughput row and its threads."""
+    if not throughput:
+        return None
+    threads = throughput.get("threads")
+    return throughput["engine"] + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
 
 
 def _recovery_text(r: dict) -> str:
@@ -322,13 +339,21 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
             lines.append(f"{rec['name']} was built with " + ", ".join(f"{k} {v}" for k, v in diff.items()))
     sections.append(("Compute", lines))
 
-    sections.append(("Size and compression", [
+    size_lines = [
         "size = the checkpoint's weight files on disk (`weights_bytes`), in MB of 10^6 bytes; compression = baseline "
         "size / variant size.",
         "compress time = wall-clock seconds of the compress step (llm-compressor, calibration passes included), on "
         "the device above; "
         "0 for the baseline, which is only loaded and saved.",
-    ]))
+    ]
+    if any(r.get("gguf") for r in ok):
+        size_lines.append("GGUF rows: size = the tensor bytes in the .gguf file (what decode reads); the file also "
+                          "carries the tokenizer and metadata (its full size is in the GGUF table and the model card). "
+                          "compress time = llama.cpp's converter + quantizer (+ the importance matrix).")
+    if any(r.get("bnb") for r in ok):
+        size_lines.append("bitsandbytes rows: quantized while transformers loads the weights; compress time is that "
+                          "load.")
+    sections.append(("Size and compression", size_lines))
 
     lines = _per_setting(_distinct(ok, "perplexity", ("file", "context", "stride", "windows", "tokens")),
                          lambda s: f"perplexity of `{_v(s[0])}`: windows of {_v(s[1])} tokens with stride {_v(s[2])} "
@@ -338,6 +363,15 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
                                     "and the variant's next-token distributions on the same text, ± its standard "
                                     "error; top-1 agreement = share of those tokens where both models' most likely "
                                     "token is the same", len(ok))
+    engines = {}
+    for r in ok:
+        if _get(r, "perplexity", "engine"):
+            engines.setdefault(r["perplexity"]["engine"], []).append(r["name"])
+    if "llama.cpp" in engines:
+        lines.append(f"perplexity and KL of {', '.join(engines['llama.cpp'])} come from llama.cpp's logits for the "
+                     f"same token windows (the GGUF file as llama.cpp runs it: quantized weights times 8-bit "
+                     f"activations); the other rows' from transformers; KL always against the baseline's "
+                     f"transformers logits.")
     sections.append(("Perplexity and KL", lines or ["not measured"]))
 
     lines = []
@@ -352,16 +386,32 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
         lines.append("recovery = variant score / baseline score in percent, per task and averaged, with the 95% "
                      "confidence interval of the evaluation's bootstrap over documents, paired across variants "
                      "(every variant answers the same ones).")
+    dequantized = [r["name"] for r in ok if r.get("tasks_engine", "").startswith("transformers, GGUF")]
+    if dequantized and lines:
+        lines.append(f"task scores of {', '.join(dequantized)}: lm-eval needs a transformers model, so they read "
+                     f"the GGUF file dequantized on load (the same weights, in fp32 arithmetic, without "
+                     f"llama.cpp's 8-bit activations).")
     if any(run.get("evaluation") for run in runs):
         lines += _per_run(runs, lambda run: ["evaluation settings: " + ", ".join(
             f"{k} {_v(v)}" for k, v in (run.get("evaluation") or {}).items()) or DASH])
     sections.append(("Accuracy", lines or ["not measured"]))
 
     lines = _per_setting(
-        _distinct(ok, "throughput", ("engine", "device", "repeats", "prompt_tokens", "new_tokens", "memory_kind")),
-        lambda s: f"engine {_v(s[0])} on {_v(s[1])}: {_v(s[3])} prompt tokens then {_v(s[4])} generated, "
+        _distinct(ok, "throughput", ("engine", "device", "repeats", "prompt_tokens", "new_tokens", "memory_kind",
+                                     "threads", "engine_version", "weight_repacking")),
+        lambda s: f"engine {_v(s[0])}{' (' + s[7] + ')' if s[7] else ''} on {_v(s[1])}"
+                  f"{', ' + str(s[6]) + (' threads' if s[6] != 1 else ' thread') if s[6] else ''}"
+                  f"{'' if s[8] is None else ', weight repacking ' + ('on' if s[8] else 'off (AMX build)')}: "
+                  f"{_v(s[3])} prompt tokens then {_v(s[4])} generated, "
                   f"median tok/s of {_v(s[2])} repeats at batch 1 (results.csv has min and max); TTFT = time to the "
                   f"first generated token; peak memory = {_memory_kind(s[5])}", len(ok))
+    if any(_get(r, "throughput", "engine") == "llama.cpp" for r in ok):
+        lines.append("llama.cpp rows: one process per GGUF file, greedy decode of exactly the same number of tokens "
+                     "after a prompt of the same length (the same sentence, tokenized by llama.cpp), batch 1 only; "
+                     "peak memory includes the memory-mapped file pages it touched.")
+    if any(r.get("bnb") for r in ok):
+        lines.append("bitsandbytes rows run in transformers with bitsandbytes' CPU kernels, which dequantize the "
+                     "4-bit/8-bit weights inside every matmul.")
     sections.append(("Throughput and memory", lines or ["not measured"]))
 
     def bandwidth_lines(run: dict) -> list[str]:
@@ -372,7 +422,12 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
 
     lines = _per_run(runs, bandwidth_lines)
     lines.append("roofline: a batch-1 decode step reads every weight and the KV cache once, so tok/s cannot exceed "
-                 "bandwidth / (weight bytes + KV bytes); utilisation = measured tok/s at batch 1 / that bound.")
+                 "bandwidth / (weight bytes + KV bytes); utilisation = measured tok/s at batch 1 / that bound. "
+                 "Weight bytes = what the engine reads: transformers decompresses compressed-tensors checkpoints to "
+                 "the float dtype, so those rows read fp32; llama.cpp reads the GGUF file's tensors as stored "
+                 "(its tensor bytes); the KV cache is fp32 in transformers on CPU and F16 in llama.cpp.")
+    lines.append("A model whose weights fit in the CPU's last-level cache can exceed 100%: the bound assumes every "
+                 "byte comes from memory.")
     sections.append(("Roofline", lines))
     return sections
 
@@ -692,6 +747,63 @@ def kv_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | N
     return headers, rows, caption
 
 
+def gguf_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | None:
+    """What each GGUF file really holds: the requested llama.cpp type, the tensor types the quantizer chose, bits
+    per weight, sizes, and the two engines' agreement on it. None without GGUF rows."""
+    rows = []
+    for r in variants:
+        g = r.get("gguf")
+        if r.get("status", "ok") != "ok" or not g:
+            continue
+        check = r.get("selfcheck") or {}
+        types = ", ".join(f"{t} × {e['tensors']} ({e['bytes'] / MB:.1f} MB)" for t, e in g["types"].items())
+        rows.append([r["name"], g["type_requested"] + (" + imatrix" if g.get("imatrix") else ""), types,
+                     f"{g['bits_per_weight']:.2f}", f"{g['tensor_bytes'] / MB:.1f}", f"{g['file_bytes'] / MB:.1f}",
+                     _fmt(check.get("engines_kl_mean"), ".2g")])
+    if not rows:
+        return None
+    headers = ["variant", "requested type", "tensor types stored (count, MB)", "bits/weight", "tensors (MB)",
+               "file (MB)", "llama.cpp vs transformers KL (self-check)"]
+    caption = ("Read back from each file with gguf-py. llama.cpp's quantizer picks each tensor's type: the _M/_S "
+               "mixtures give some tensors more bits, norms stay F32, and a K-quant (Q4_K, Q6_K) needs rows that "
+               "are a multiple of 256 weights, so tensors with shorter or odd rows (576-wide on SmolLM2) fall back "
+               "to a 32-block type (Q4_K → Q5_0, Q6_K → Q8_0). bits/weight = 8 × tensor bytes / parameters. The "
+               "self-check KL is between llama.cpp's and transformers' next-token distributions for the same file "
+               "on the self-check prompts.")
+    return headers, rows, caption
+
+
+def speed_summary(variants: list[dict]) -> list[str]:
+    """The closing note on decode speed: every measured row against its run's baseline (tok/s ratio, engine,
+    utilisation), and the fastest 4-bit GGUF row quoted against the fp32 transformers baseline."""
+    baselines = _baselines(variants)
+    out = []
+    best = None
+    for r in variants:
+        base = baselines.get(r.get("run"))
+        tok = _get(r, "throughput", "batches", "1", "tok_per_sec")
+        base_tok = _get(base, "throughput", "batches", "1", "tok_per_sec")
+        if r.get("status", "ok") != "ok" or not tok or not base_tok or r is base:
+            continue
+        if r.get("method") == "gguf" and r.get("bits") == 4 and (best is None or tok > best[1]):
+            best = (r, tok, base, base_tok)
+    if best:
+        r, tok, base, base_tok = best
+        rf = r.get("roofline") or {}
+        util = rf.get("utilisation")
+        out.append(f"Fastest 4-bit GGUF row: {r['name']} ({r['scheme']}) decodes at {tok:.1f} tok/s with "
+                   f"{engine_text(r['throughput'])}, {tok / base_tok:.2f}× the baseline's {base_tok:.1f} tok/s "
+                   f"({engine_text(base['throughput'])}, {_get(base, 'throughput', 'dtype') or 'fp32'}), same prompt "
+                   f"and lengths, batch 1"
+                   + (f"; it reaches {100 * util:.0f}% of its memory-bandwidth bound ({rf['bound_tok_per_sec']:.0f} "
+                      f"tok/s = {rf['bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s / {rf['bytes_per_token'] / MB:.1f} MB "
+                      f"read per token)." if util is not None else "."))
+        out.append(f"Edge targets (recipes/smollm2-135m-edge.yaml): ≥ 2× the baseline's tok/s — "
+                   f"{'met' if tok / base_tok >= 2 else 'NOT met'}; ≥ 50% of the bandwidth bound — "
+                   + (DASH if util is None else ('met' if util >= 0.5 else 'NOT met')) + ".")
+    return out
+
+
 def distill_table(variants: list[dict]) -> tuple[list[str], list[list[str]], str] | None:
     """The distillation table: how each student was made and what it scored, or None without students.
 
@@ -771,6 +883,7 @@ def render_markdown(results: dict, rows: list[dict]) -> str:
     lines += ["", "`—` = not measured (or the variant failed). Plots are in report.html; raw numbers in results.csv.",
               ""]
     for heading, table in (("KV cache", kv_table(results.get("variants") or [])),
+                           ("GGUF files", gguf_table(results.get("variants") or [])),
                            ("Distillation", distill_table(results.get("variants") or []))):
         if table:
             headers, extra_rows, caption = table
@@ -779,6 +892,8 @@ def render_markdown(results: dict, rows: list[dict]) -> str:
             lines += ["", caption, ""]
     if warnings := calibration_warnings(results.get("variants") or []):
         lines += ["## Checks", ""] + [f"- **Warning:** {_one_line(w)}" for w in warnings] + [""]
+    if speed := speed_summary(results.get("variants") or []):
+        lines += ["## Decode speed", ""] + [f"- {_one_line(t)}" for t in speed] + [""]
     lines += ["## Where the figures come from", ""]
     for heading, items in provenance(results):
         lines += [f"### {heading}", ""] + [f"- {_one_line(i)}" for i in items] + [""]
@@ -828,7 +943,7 @@ def render_html(results: dict, rows: list[dict]) -> str:
     cols = display_columns(tasks, variants)
     colours = _colours([r["name"] for r in rows if r["status"] == "ok"])
     model = results.get("model") or {}
-    text_cols = {"variant", "method", "scheme", "status"}
+    text_cols = {"variant", "method", "scheme", "status", "decode engine"}
     head = "".join(f'<th class="{"text" if h in text_cols else ""}">{_e(h)}</th>' for h, _ in cols)
     body = []
     for r in rows:
@@ -859,9 +974,12 @@ def render_html(results: dict, rows: list[dict]) -> str:
         *body, "</tbody></table></div>",
         '<p class="note">— = not measured (or the variant failed). Hover a point or bar for its exact value.</p>',
         *_table_html("KV cache", "kv", kv_table(variants)),
+        *_table_html("GGUF files", "gguf", gguf_table(variants)),
         *_table_html("Distillation", "distill", distill_table(variants)),
         *([f'<h2>Checks</h2><ul>{"".join(f"<li><b>Warning:</b> {_e(w)}</li>" for w in warnings)}</ul>']
           if (warnings := calibration_warnings(variants)) else []),
+        *([f'<h2>Decode speed</h2><ul>{"".join(f"<li>{_e(t)}</li>" for t in speed)}</ul>']
+          if (speed := speed_summary(variants)) else []),
         "<h2>Plots</h2>", '<div class="plots">', *(f'<div class="plot">{p}</div>' for p in plots), "</div>",
         "<h2>Where the figures come from</h2>", *prov, "</body></html>", ""])
 

@@ -201,6 +201,7 @@ def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
             }
     result = {
         "engine": "transformers-eager",
+        "threads": None if on_gpu else torch.get_num_threads(),
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "batches": batches,
@@ -292,14 +293,19 @@ def benchmark_checkpoint(folder, *, prompt_tokens: int, new_tokens: int, batch_s
 def benchmark_checkpoint_in_subprocess(folder, **kwargs) -> dict:
     """`benchmark_checkpoint` in a fresh Python process, so the peak RSS it reports belongs to this checkpoint alone
     (a process's peak RSS never goes down: in-process, every later variant would inherit the largest earlier one)."""
+    return run_worker("compress.throughput", {"folder": str(folder), **kwargs}, f"throughput worker for {folder}")
+
+
+def run_worker(module: str, args: dict, what: str) -> dict:
+    """`python -m module 'JSON args'` in a fresh process; its last stdout line is the JSON result."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "compress.throughput", json.dumps({"folder": str(folder), **kwargs})]
+    cmd = [sys.executable, "-m", module, json.dumps(args)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"throughput worker failed for {folder}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{what} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

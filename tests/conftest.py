@@ -19,17 +19,29 @@ TEXT = [
 ] * 4
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads) and a byte-level BPE tokenizer, saved to folder."""
+def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False) -> Path:
+    """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads) and a byte-level BPE tokenizer, saved to folder.
+
+    llama_tokenizer=True gives it a Llama-2-style tokenizer instead (BPE with byte fallback, the 256 <0xXX> byte
+    tokens, "▁" for spaces): llama.cpp's converter accepts that one without knowing the vocabulary, while a
+    byte-level BPE must be one it has a fingerprint for (the converter refuses vocabularies it does not know)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if llama_tokenizer:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXT, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
@@ -51,6 +63,12 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok_model(tmp_path_factory) -> Path:
+    """The tiny model with a Llama-2-style tokenizer, which llama.cpp's converter takes (GGUF tests)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-spm") / "tiny-llama", llama_tokenizer=True)
 
 
 @pytest.fixture(scope="session")

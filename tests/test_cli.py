@@ -65,3 +65,20 @@ def test_bad_recipe_exit_code_2(tmp_path, capsys):
     path.write_text("model: {source: smollm2-135m}\nvariants: [{name: a, method: rtn, bits: 5}]\noutput: o\n")
     code, err = _run(path, capsys)
     assert code == 2 and f"{path}: variants[0].bits" in err
+
+
+def test_missing_optional_backend_names_the_extra(tmp_path, tiny_model, calib_file, capsys, monkeypatch):
+    """bitsandbytes and GGUF variants fail up front when their backend is not installed, naming the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llama_cpp", "bitsandbytes") else real(name, *a))
+    recipe = write_recipe(tmp_path, tiny_model, calib_file, [{"name": "q", "method": "gguf", "gguf_type": "Q4_0"},
+                                                             {"name": "n", "method": "bnb-nf4"}])
+    code, err = _run(recipe, capsys)
+    assert code == 2
+    assert f"{recipe}: variants[0].method: 'gguf' needs llama-cpp-python, which is not installed" in err
+    assert f"{recipe}: variants[1].method: 'bnb-nf4' needs bitsandbytes" in err
+    assert "pip install -e '.[edge]'" in err
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,8 @@ def _base(**over) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "smollm2-135m-kv.yaml", "smollm2-135m-distill.yaml", "llama8b-awq.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["smollm2-135m-lab.yaml", "smollm2-135m-kv.yaml", "smollm2-135m-distill.yaml",
+                                  "smollm2-135m-edge.yaml", "llama8b-awq.yaml", "tiny.yaml"])
 def test_shipped_recipes_parse(name):
     recipe = load_recipe(ROOT / "recipes" / name)
     assert recipe.variants[0].method == "baseline"
@@ -59,6 +60,29 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(variants=[{"name": "bad name", "method": "rtn"}]), "variants[0].name", "pattern"),
     (_base(variants=[{"name": "b", "method": "baseline", "bits": 4}]), "variants[0]", "no weight quantization settings"),
     ({"model": {}, "variants": [{"name": "r", "method": "rtn"}]}, "output", "Field required"),
+    (_base(variants=[{"name": "g", "method": "gguf"}]), "variants[0].gguf_type", "needs a llama.cpp file type"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_K_X"}]), "variants[0].gguf_type",
+     "expected one of ['F32', 'F16'"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "bits": 4}]), "variants[0]",
+     "choose the llama.cpp type with gguf_type"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "F16", "imatrix": True}]), "variants[0].imatrix",
+     "not quantized"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "ignore": []}]), "variants[0].ignore",
+     "chooses each tensor's type"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "samples": 8}]), "variants[0]",
+     "or set imatrix: true"),
+    (_base(variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "kv_cache": {"dtype": "fp8"}}]),
+     "variants[0].kv_cache", "keeps its engine's own KV cache"),
+    (_base(variants=[{"name": "b", "method": "bnb-int8", "compute_dtype": "float32"}]), "variants[0].compute_dtype",
+     "only method 'bnb-nf4'"),
+    (_base(variants=[{"name": "b", "method": "bnb-nf4", "gguf_type": "Q4_0"}]), "variants[0].gguf_type",
+     "only method 'gguf'"),
+    (_base(variants=[{"name": "b", "method": "bnb-nf4", "group_size": 64}]), "variants[0]", "fixes its own format"),
+    (_base(variants=[{"name": "b", "method": "gptq", "imatrix": True}]), "variants[0].imatrix", "only method 'gguf'"),
+    (_base(calibration=None, variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "imatrix": True}]),
+     "(top level)", "add a `calibration:` section"),
+    (_base(evaluation={"throughput": {"llamacpp_threads": 0}}), "evaluation.throughput.llamacpp_threads",
+     "greater than 0"),
 ])
 def test_bad_recipe_names_file_field_and_expectation(tmp_path, data, where, expected):
     path = _write(tmp_path, data)
@@ -79,3 +103,29 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(InputError, match="expected a mapping"):
         load_recipe(bad)
+
+
+def test_edge_methods_fill_their_format(tmp_path):
+    variants = [{"name": "nf4", "method": "bnb-nf4"}, {"name": "int8", "method": "bnb-int8"},
+                {"name": "q4km", "method": "gguf", "gguf_type": "q4_k_m"},
+                {"name": "q4i", "method": "gguf", "gguf_type": "Q4_0", "imatrix": True, "samples": 8},
+                {"name": "f16", "method": "gguf", "gguf_type": "F16"}]
+    recipe = load_recipe(_write(tmp_path, _base(variants=variants)))
+    nf4, int8, q4km, q4i, f16 = recipe.variants[1:]
+    assert (nf4.bits, nf4.double_quant, nf4.scheme, nf4.calibrated) == (4, True, "NF4-dq (bitsandbytes)", False)
+    assert (int8.bits, int8.scheme) == (8, "LLM.int8 (bitsandbytes)")
+    assert (q4km.gguf_type, q4km.bits, q4km.scheme, q4km.calibrated) == ("Q4_K_M", 4, "GGUF Q4_K_M", False)
+    assert q4i.calibrated and q4i.scheme == "GGUF Q4_0 imatrix" and f16.bits == 16
+    assert not any(v.uses_llmcompressor for v in recipe.variants)
+
+
+def test_cache_key_of_older_variants_ignores_the_new_fields(tmp_path):
+    """Checkpoints built before the bitsandbytes/GGUF fields existed keep their cache key: the new fields are hashed
+    only when set."""
+    from compress.pipeline import LATER_FIELDS
+
+    recipe = load_recipe(_write(tmp_path, _base()))
+    gptq = recipe.variants[1]
+    dumped = gptq.model_dump(exclude={k for k in LATER_FIELDS if getattr(gptq, k) is None})
+    assert set(dumped) == {"name", "method", "bits", "group_size", "symmetric", "ignore", "smoothing_strength",
+                           "dampening_frac", "samples", "seq_len"}

@@ -217,3 +217,44 @@ def test_calibrated_variant_worse_than_rtn_is_flagged():
     assert warning.startswith("gptq (gptq) is worse than plain rounding (rtn) on perplexity 41.7 vs 40.5")
     assert "KL" not in warning and "64 x 512 tokens of c4.jsonl" in warning
     assert calibration_warnings([rtn, awq]) == []
+
+
+def _gguf_record(name: str, tok: float, bits: int = 4) -> dict:
+    types = {"Q5_0": {"tensors": 166, "params": 95_000_000, "bytes": 53_700_000},
+             "Q8_0": {"tensors": 15, "params": 29_800_000, "bytes": 31_700_000}}
+    return {"name": name, "method": "gguf", "scheme": "GGUF Q4_K_M", "bits": bits, "status": "ok",
+            "weights_bytes": 103_668_480, "run": None,
+            "gguf": {"file": "model-Q4_K_M.gguf", "type_requested": "Q4_K_M", "imatrix": False, "types": types,
+                     "bits_per_weight": 6.17, "tensor_bytes": 103_668_480, "file_bytes": 105_453_984},
+            "selfcheck": {"engines_kl_mean": 0.015},
+            "perplexity": {"value": 33.0, "engine": "llama.cpp", "file": "w.raw", "context": 512, "stride": 512,
+                           "windows": 40, "tokens": 20440},
+            "throughput": {"engine": "llama.cpp", "threads": 1, "device": "cpu", "batches": {"1": {
+                "tok_per_sec": tok, "ttft_s": 0.05}}, "repeats": 5, "prompt_tokens": 128, "new_tokens": 64,
+                "memory_kind": "rss", "engine_version": "llama-cpp-python 0.3.36", "weight_repacking": False},
+            "roofline": {"bytes_per_token": 104_000_000, "weight_bytes": 103_668_480, "bound_tok_per_sec": 240.0,
+                         "bandwidth_bytes_per_sec": 25e9, "utilisation": tok / 240.0}}
+
+
+def test_engine_column_gguf_table_and_speed_note(tmp_path, results):
+    results["variants"][0]["throughput"]["threads"] = 2
+    results["variants"] += [_gguf_record("gguf-fast", 130.0), _gguf_record("gguf-slow", 90.0),
+                            {**_gguf_record("gguf-q8", 150.0), "bits": 8}]
+    md = write_report(results, tmp_path)["md"].read_text()
+    main_table = md.split("`—` = not measured")[0]
+    header, rows = _header(main_table), _md_rows(main_table)
+    cell = lambda name, col: rows[name][header.index(col)]  # noqa: E731
+    assert cell("baseline", "decode engine") == "transformers-eager, 2 threads"
+    assert cell("gguf-fast", "decode engine") == "llama.cpp, 1 thread"
+    assert cell("gguf-fast", "× baseline tok/s") == f"{130.0 / 24.6:.2f}" and cell("baseline", "× baseline tok/s") == "1.00"
+    assert cell("gguf-fast", "read per token (MB)") == "104.0" and cell("gguf-fast", "roofline utilisation (%)") == "54"
+    gguf = md.split("## GGUF files")[1].split("## ")[0]
+    assert "| gguf-fast | Q4_K_M | Q5_0 × 166 (53.7 MB), Q8_0 × 15 (31.7 MB) | 6.17 | 103.7 | 105.5 | 0.015 |" in gguf
+    speed = md.split("## Decode speed")[1].split("## ")[0]
+    # the fastest 4-bit GGUF row is quoted (the faster Q8_0 row is not 4-bit)
+    assert f"Fastest 4-bit GGUF row: gguf-fast (GGUF Q4_K_M) decodes at 130.0 tok/s with llama.cpp, 1 thread, " \
+           f"{130 / 24.6:.2f}× the baseline's 24.6 tok/s (transformers-eager, 2 threads" in speed
+    assert "54% of its memory-bandwidth bound (240 tok/s = 25.0 GB/s / 104.0 MB read per token)" in speed
+    assert "≥ 2× the baseline's tok/s — met; ≥ 50% of the bandwidth bound — met." in speed
+    assert "perplexity and KL of gguf-fast, gguf-slow, gguf-q8 come from llama.cpp's logits" in md
+    assert "engine llama.cpp (llama-cpp-python 0.3.36) on cpu, 1 thread, weight repacking off (AMX build)" in md
