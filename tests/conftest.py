@@ -78,6 +78,16 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+def perplexity_data(folder: Path) -> tuple[Path, dict]:
+    """`folder/data/text.raw` (the tiny corpus, repeated) and the evaluation settings that score perplexity on it
+    in 4 windows of 64 tokens, with no tasks and no throughput."""
+    data = folder / "data"
+    data.mkdir()
+    (data / "text.raw").write_text(" ".join(TEXT * 10))
+    return data, {"data_dir": str(data), "tasks": [], "throughput": None,
+                  "perplexity": {"file": "text.raw", "context": 64, "stride": 64, "max_windows": 4}}
+
+
 def write_recipe(tmp_path: Path, tiny_model: Path, calib_file: Path, variants: list[dict], **extra) -> Path:
     """recipes/tiny.yaml with the model, calibration file and output pointed at this test's files."""
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from compress import pipeline
 from compress.cli import main
 from compress.recipe import Distill, load_recipe
-from conftest import TEXT, write_recipe
+from conftest import perplexity_data, write_recipe
 from distill.prune import block_influence, layers_to_drop, prune_layers
 from distill.train import kd_loss, lr_factor, step_windows, train
 
@@ -140,11 +140,7 @@ def _variants(calib_file: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory, tiny_model, calib_file):
     tmp = tmp_path_factory.mktemp("distill")
-    data = tmp / "data"
-    data.mkdir()
-    (data / "text.raw").write_text(" ".join(TEXT * 10))
-    ev = {"data_dir": str(data), "tasks": [], "perplexity": {"file": "text.raw", "context": 64, "stride": 64,
-                                                             "max_windows": 4}, "throughput": None}
+    _, ev = perplexity_data(tmp)
     recipe_path = write_recipe(tmp, tiny_model, calib_file, _variants(calib_file), evaluation=ev)
     code = pipeline.run(load_recipe(recipe_path), recipe_path)
     results = json.loads((tmp / "run" / "results.json").read_text())
@@ -182,11 +178,8 @@ def test_rerun_reuses_everything(distill_run, monkeypatch):
 
 
 def test_distilling_on_an_evaluation_file_is_refused(tmp_path, tiny_model, calib_file, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "text.raw").write_text(" ".join(TEXT * 10))
+    data, ev = perplexity_data(tmp_path)
     variants = [{"name": "d", "method": "none", "distill": {**DISTILL, "data": str(data / "text.raw")}}]
-    ev = {"data_dir": str(data), "tasks": [], "perplexity": {"file": "text.raw"}, "throughput": None}
     recipe = write_recipe(tmp_path, tiny_model, calib_file, variants, evaluation=ev)
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err

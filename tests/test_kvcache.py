@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from compress import kvcache, perplexity, pipeline
 from compress.recipe import KVCache, load_recipe
-from conftest import TEXT, write_recipe
+from conftest import TEXT, perplexity_data, write_recipe
 
 
 def _kv(**kw) -> KVCache:
@@ -146,13 +146,9 @@ KV_VARIANTS = [
 @pytest.fixture(scope="module")
 def kv_run(tmp_path_factory, tiny_model, calib_file):
     tmp = tmp_path_factory.mktemp("kv")
-    data = tmp / "data"
-    data.mkdir()
-    (data / "text.raw").write_text(" ".join(TEXT * 10))
-    ev = {"data_dir": str(data), "tasks": [], "perplexity": {"file": "text.raw", "context": 64, "stride": 64,
-                                                             "max_windows": 4},
-          "throughput": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1], "repeats": 1},
-          "planner": {"context": 2048, "batch": 4}}
+    _, ev = perplexity_data(tmp)
+    ev.update(throughput={"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1], "repeats": 1},
+              planner={"context": 2048, "batch": 4})
     recipe_path = write_recipe(tmp, tiny_model, calib_file, KV_VARIANTS, evaluation=ev)
     code = pipeline.run(load_recipe(recipe_path), recipe_path)
     results = json.loads((tmp / "run" / "results.json").read_text())
