@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--sources", nargs="+", default=["c4", "wikitext", "chat", "shakespeare"])
     p.add_argument("--shapes", nargs="+", default=["64x512"], help="SAMPLESxSEQ_LEN")
     p.add_argument("--ppl-windows", type=int, default=20)
+    p.add_argument("--pipelines", nargs="+", choices=["default", "sequential"], default=["default"],
+                   help="default: the pipeline compress picks; sequential: llm-compressor's layer-by-layer pipeline, "
+                        "which calibrates each layer on the outputs of the already-quantized layers before it")
+    p.add_argument("--no-rtn", action="store_true", help="skip the RTN reference point")
     args = p.parse_args(argv)
 
     from compress.environment import configure_cpu, environment
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
     from compress.calibration import pack_token_windows
     from compress.load import resolve_source
     from compress.perplexity import evaluate_tokens
-    from compress.quantize import compress_model
+    from compress.quantize import compress_model, pipeline_name
     from compress.recipe import ModelSpec, Variant
 
     source = resolve_source(ModelSpec(), prepare=True)
@@ -84,13 +88,15 @@ def main(argv=None) -> int:
         return {"perplexity": r["value"], "kl": r["kl"]["mean"], "kl_stderr": r["kl"]["stderr"],
                 "top1": r["kl"]["top1_agreement"]}
 
+    symmetric = Variant(name=args.method, method=args.method, bits=4, group_size=64).symmetric
     points = []
-    model = fresh()
-    t0 = time.perf_counter()
-    compress_model(model, Variant(name="rtn", method="rtn", bits=4, group_size=64), None)
-    points.append({"source": None, "samples": 0, "seq_len": 0, "method": "rtn",
-                   "seconds": time.perf_counter() - t0, **score(model)})
-    print(f"rtn: ppl {points[-1]['perplexity']:.2f} KL {points[-1]['kl']:.4f}", file=sys.stderr)
+    if not args.no_rtn:
+        model = fresh()
+        t0 = time.perf_counter()
+        compress_model(model, Variant(name="rtn", method="rtn", bits=4, group_size=64, symmetric=symmetric), None)
+        points.append({"source": None, "samples": 0, "seq_len": 0, "method": "rtn", "pipeline": "datafree",
+                       "symmetric": symmetric, "seconds": time.perf_counter() - t0, **score(model)})
+        print(f"rtn: ppl {points[-1]['perplexity']:.2f} KL {points[-1]['kl']:.4f}", file=sys.stderr)
     variant = Variant(name=args.method, method=args.method, bits=4, group_size=64)
     texts_cache: dict[str, list[str]] = {}
     for shape in args.shapes:
@@ -98,26 +104,28 @@ def main(argv=None) -> int:
         for name in args.sources:
             texts = texts_cache.setdefault(name, source_texts(name, tok))
             windows = pack_token_windows(texts, tok, samples, seq_len, seed=0)
-            model = fresh()
-            load1 = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            compress_model(model, variant, windows)
-            seconds = time.perf_counter() - t0
-            points.append({"source": name, "samples": samples, "seq_len": seq_len, "method": args.method,
-                           "seconds": seconds, "load1": load1, **score(model)})
-            del model
-            pt = points[-1]
-            print(f"{args.method} {name} {shape}: {seconds:.1f} s, ppl {pt['perplexity']:.2f} KL {pt['kl']:.4f}",
-                  file=sys.stderr)
+            for pipeline in args.pipelines:
+                model = fresh()
+                load1 = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                compress_model(model, variant, windows, sequential=pipeline == "sequential")
+                seconds = time.perf_counter() - t0
+                points.append({"source": name, "samples": samples, "seq_len": seq_len, "method": args.method,
+                               "pipeline": pipeline_name(variant.method, pipeline == "sequential"),
+                               "symmetric": variant.symmetric, "seconds": seconds, "load1": load1, **score(model)})
+                del model
+                pt = points[-1]
+                print(f"{args.method} {name} {shape} {pt['pipeline']}: {seconds:.1f} s, ppl {pt['perplexity']:.2f} "
+                      f"KL {pt['kl']:.4f}", file=sys.stderr)
 
-    rtn = points[0]
-    print(f"| method | source | samples x seq_len | tokens | compress s | perplexity | KL ± se | top-1 % | "
+    rtn = next((pt for pt in points if pt["method"] == "rtn"), None)
+    print(f"| method | pipeline | source | samples x seq_len | tokens | compress s | perplexity | KL ± se | top-1 % | "
           f"beats RTN (ppl / KL) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for pt in points:
-        beats = "—" if pt["method"] == "rtn" else (f"{'yes' if pt['perplexity'] < rtn['perplexity'] else 'no'} / "
+        beats = "—" if pt["method"] == "rtn" or rtn is None else (f"{'yes' if pt['perplexity'] < rtn['perplexity'] else 'no'} / "
                                                   f"{'yes' if pt['kl'] < rtn['kl'] else 'no'}")
-        print(f"| {pt['method']} | {pt['source'] or '—'} | {pt['samples']} x {pt['seq_len']} | "
+        print(f"| {pt['method']} | {pt['pipeline']} | {pt['source'] or '—'} | {pt['samples']} x {pt['seq_len']} | "
               f"{pt['samples'] * pt['seq_len']:,} | {pt['seconds']:.1f} | {pt['perplexity']:.2f} | "
               f"{pt['kl']:.4f} ± {pt['kl_stderr']:.4f} | {100 * pt['top1']:.1f} | {beats} |")
     print(f"\nbaseline perplexity {base['value']:.2f}; scored on {base['tokens']:,} tokens ({args.ppl_windows} x 512) "

@@ -21,7 +21,8 @@ def model_card(record: dict, source: dict, folder: Path) -> str:
     cal = record.get("calibration")
     if cal:
         data = (f"{cal['samples']} windows x {cal['seq_len']} tokens = {cal['tokens']:,} tokens packed from "
-                f"`{cal['source']}` (field `{cal['text_field']}`, shuffled with seed {cal['seed']})")
+                f"`{cal['source']}` (field `{cal['text_field']}`, shuffled with seed {cal['seed']})"
+                + (f", llm-compressor's `{cal['pipeline']}` pipeline" if cal.get("pipeline") else ""))
     else:
         data = "none (this method needs no calibration data)"
     lines = [

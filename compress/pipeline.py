@@ -111,8 +111,14 @@ def _calibration_settings(recipe: Recipe, v: Variant) -> dict | None:
     if not v.calibrated:
         return None
     cal = recipe.calibration
-    return {"source": cal.source, "text_field": cal.text_field, "split": cal.split, "seed": cal.seed,
-            "samples": v.samples or cal.samples, "seq_len": v.seq_len or cal.seq_len}
+    samples, seq_len = cal.shape_for(v.method)
+    out = {"source": cal.source, "text_field": cal.text_field, "split": cal.split, "seed": cal.seed,
+           "samples": v.samples or samples, "seq_len": v.seq_len or seq_len}
+    if v.uses_llmcompressor:  # part of the cache key: GPTQ under "basic" and "sequential" gives different weights
+        from compress.quantize import pipeline_name
+
+        out["pipeline"] = pipeline_name(v.method, sequential=recipe.model.offload is not None)
+    return out
 
 
 LATER_FIELDS = ("kv_cache", "distill", "compute_dtype", "double_quant", "gguf_type", "imatrix")

@@ -688,7 +688,8 @@ CALIBRATED_METHODS = ("gptq", "awq", "smoothquant-gptq")
 
 
 def calibration_warnings(variants: list[dict]) -> list[str]:
-    """Flag every calibrated variant that came out worse than round-to-nearest of the same weight format.
+    """Flag every calibrated variant that came out worse than round-to-nearest of the same weight format (bits,
+    group size, symmetric or with zero points, KV cache), when the run has one.
 
     GPTQ/AWQ spend minutes on calibration to beat plain rounding; when they do not, the usual cause is the
     calibration text (off-domain for what is evaluated, or too few tokens), which the model card names. Compared on
@@ -699,8 +700,8 @@ def calibration_warnings(variants: list[dict]) -> list[str]:
         if v.get("status") != "ok" or v.get("method") not in CALIBRATED_METHODS:
             continue
         peers = [r for r in variants if r.get("status") == "ok" and r.get("method") == "rtn"
-                 and (r.get("bits"), r.get("group_size"), r.get("kv_cache"))
-                 == (v.get("bits"), v.get("group_size"), v.get("kv_cache"))
+                 and (r.get("bits"), r.get("group_size"), r.get("symmetric"), r.get("kv_cache"))
+                 == (v.get("bits"), v.get("group_size"), v.get("symmetric"), v.get("kv_cache"))
                  and r.get("run") == v.get("run")]
         for rtn in peers:
             worse = [f"{label} {_get(v, *key):.4g} vs {_get(rtn, *key):.4g}"

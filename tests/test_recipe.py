@@ -129,3 +129,28 @@ def test_cache_key_of_older_variants_ignores_the_new_fields(tmp_path):
     dumped = gptq.model_dump(exclude={k for k in LATER_FIELDS if getattr(gptq, k) is None})
     assert set(dumped) == {"name", "method", "bits", "group_size", "symmetric", "ignore", "smoothing_strength",
                            "dampening_frac", "samples", "seq_len"}
+
+
+def test_calibration_shape_defaults_per_method():
+    """AWQ's grid search costs ~4x GPTQ per token, so it defaults to the 16 x 256 the sweep picked; a shape the
+    recipe sets always wins (in the calibration section or on the variant)."""
+    from compress.recipe import Calibration
+
+    default = Calibration(source="c.jsonl")
+    assert default.shape_for("gptq") == (64, 512) and default.shape_for("awq") == (16, 256)
+    assert Calibration(source="c.jsonl", samples=32).shape_for("awq") == (32, 256)
+    assert Calibration(source="c.jsonl", seq_len=1024).shape_for("awq") == (16, 1024)
+
+
+def test_calibration_settings_name_the_pipeline(tmp_path):
+    """The llm-compressor pipeline decides GPTQ's weights, so it is part of the calibration record and cache key."""
+    from compress.pipeline import _calibration_settings
+
+    variants = [{"name": "g", "method": "gptq", "bits": 4, "group_size": 32},
+                {"name": "a", "method": "awq", "bits": 4, "group_size": 32},
+                {"name": "q", "method": "gguf", "gguf_type": "Q4_0", "imatrix": True}]
+    recipe = load_recipe(_write(tmp_path, _base(calibration={"source": "c.jsonl"}, variants=variants)))
+    g, a, q = (_calibration_settings(recipe, v) for v in recipe.variants[1:])
+    assert (g["pipeline"], g["samples"], g["seq_len"]) == ("sequential", 64, 512)
+    assert (a["pipeline"], a["samples"], a["seq_len"]) == ("sequential", 16, 256)
+    assert "pipeline" not in q  # llama.cpp's importance matrix: no llm-compressor pipeline

@@ -217,6 +217,12 @@ def test_calibrated_variant_worse_than_rtn_is_flagged():
     assert warning.startswith("gptq (gptq) is worse than plain rounding (rtn) on perplexity 41.7 vs 40.5")
     assert "KL" not in warning and "64 x 512 tokens of c4.jsonl" in warning
     assert calibration_warnings([rtn, awq]) == []
+    # zero points are a different format: an asymmetric AWQ is judged against asymmetric rounding only
+    awq_asym = {**awq, "name": "awq-asym", "symmetric": False, "perplexity": {"value": 45.0}}
+    assert calibration_warnings([rtn, awq_asym]) == []
+    rtn_asym = {**rtn, "name": "rtn-asym", "symmetric": False}
+    (warning,) = calibration_warnings([rtn, rtn_asym, awq_asym])
+    assert warning.startswith("awq-asym (awq) is worse than plain rounding (rtn-asym) on perplexity 45 vs 40.5")
 
 
 def _gguf_record(name: str, tok: float, bits: int = 4) -> dict:
