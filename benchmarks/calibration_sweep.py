@@ -55,9 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--sources", nargs="+", default=["c4", "wikitext", "chat", "shakespeare"])
     p.add_argument("--shapes", nargs="+", default=["64x512"], help="SAMPLESxSEQ_LEN")
     p.add_argument("--ppl-windows", type=int, default=20)
-    p.add_argument("--pipelines", nargs="+", choices=["default", "sequential"], default=["default"],
-                   help="default: the pipeline compress picks; sequential: llm-compressor's layer-by-layer pipeline, "
-                        "which calibrates each layer on the outputs of the already-quantized layers before it")
+    p.add_argument("--pipelines", nargs="+", choices=["basic", "sequential"], default=["sequential"],
+                   help="llm-compressor's calibration pipeline. sequential (what compress uses): layer by layer, each "
+                        "layer calibrated on the outputs of the already-quantized layers before it; basic: one pass "
+                        "through the unquantized model")
     p.add_argument("--no-rtn", action="store_true", help="skip the RTN reference point")
     args = p.parse_args(argv)
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from compress.calibration import pack_token_windows
     from compress.load import resolve_source
     from compress.perplexity import evaluate_tokens
-    from compress.quantize import compress_model, pipeline_name
+    from compress.quantize import compress_model
     from compress.recipe import ModelSpec, Variant
 
     source = resolve_source(ModelSpec(), prepare=True)
@@ -108,10 +109,10 @@ def main(argv=None) -> int:
                 model = fresh()
                 load1 = os.getloadavg()[0]
                 t0 = time.perf_counter()
-                compress_model(model, variant, windows, sequential=pipeline == "sequential")
+                compress_model(model, variant, windows, pipeline=pipeline)
                 seconds = time.perf_counter() - t0
                 points.append({"source": name, "samples": samples, "seq_len": seq_len, "method": args.method,
-                               "pipeline": pipeline_name(variant.method, pipeline == "sequential"),
+                               "pipeline": pipeline,
                                "symmetric": variant.symmetric, "seconds": seconds, "load1": load1, **score(model)})
                 del model
                 pt = points[-1]

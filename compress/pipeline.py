@@ -115,9 +115,9 @@ def _calibration_settings(recipe: Recipe, v: Variant) -> dict | None:
     out = {"source": cal.source, "text_field": cal.text_field, "split": cal.split, "seed": cal.seed,
            "samples": v.samples or samples, "seq_len": v.seq_len or seq_len}
     if v.uses_llmcompressor:  # part of the cache key: GPTQ under "basic" and "sequential" gives different weights
-        from compress.quantize import pipeline_name
+        from compress.quantize import PIPELINE
 
-        out["pipeline"] = pipeline_name(v.method, sequential=recipe.model.offload is not None)
+        out["pipeline"] = PIPELINE
     return out
 
 
@@ -333,7 +333,7 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         from compress.quantize import compress_model
 
         log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
-        compress_model(model, v, batch, sequential=offload is not None)
+        compress_model(model, v, batch)  # layer by layer, which is what lets an offloaded model calibrate
     compress_seconds = time.perf_counter() - t0
     peak_bytes, peak_kind = peak_memory_bytes(device)  # model load + compression (+ calibration data)
 

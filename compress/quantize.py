@@ -108,15 +108,10 @@ def load_offloaded(path: str, dtype, max_cpu_bytes: int, folder: Path):
     return model.eval()
 
 
-def pipeline_name(method: str, sequential: bool = False) -> str:
-    """The llm-compressor calibration pipeline a calibrated method runs under (see `compress_model`)."""
-    return "sequential" if sequential or method in SEQUENTIAL_METHODS else "basic"
+PIPELINE = "sequential"  # the llm-compressor calibration pipeline every calibrated method runs under: see below
 
 
-SEQUENTIAL_METHODS = ("gptq", "awq", "smoothquant-gptq")  # all of them, measured: see compress_model
-
-
-def compress_model(model, variant: Variant, windows: list[list[int]] | None, sequential: bool = False) -> None:
+def compress_model(model, variant: Variant, windows: list[list[int]] | None, pipeline: str = PIPELINE) -> None:
     """Quantize `model` in place. `windows` are the calibration token windows (None for data-free methods).
 
     Every calibrated method runs under llm-compressor's "sequential" pipeline: one decoder layer at a time, each
@@ -124,9 +119,9 @@ def compress_model(model, variant: Variant, windows: list[list[int]] | None, seq
     earlier layers made (as in the GPTQ paper). The "basic" pipeline (one pass through the unquantized model, all
     layers calibrated on clean inputs) was 26% faster but lost to plain rounding: SmolLM2-135M, GPTQ W4A16 g64,
     64 x 512 tokens of C4, WikiText-2 test (20 windows): RTN ppl 51.45 / KL 0.462, GPTQ basic 51.88 / 0.355 in 93 s,
-    GPTQ sequential 49.39 / 0.310 in 125 s (benchmarks/calibration_sweep.py --pipelines default sequential).
-    AWQ needs "sequential" anyway: its grid search replays each layer's cached inputs.
-    `sequential=True` is accepted for callers that must force it (an offloaded model: one layer in memory at a time).
+    GPTQ sequential 49.39 / 0.310 in 125 s (benchmarks/calibration_sweep.py --pipelines basic sequential).
+    AWQ needs "sequential" anyway: its grid search replays each layer's cached inputs. So does an offloaded model:
+    one layer in memory at a time. `pipeline="basic"` remains for that benchmark.
     """
     modifiers = build_modifiers(variant)
     if windows is None:
@@ -143,7 +138,7 @@ def compress_model(model, variant: Variant, windows: list[list[int]] | None, seq
             num_calibration_samples=len(windows),
             max_seq_length=len(windows[0]),
             shuffle_calibration_samples=False,
-            pipeline=pipeline_name(variant.method, sequential),
+            pipeline=pipeline,
         )
 
 

@@ -132,7 +132,7 @@ def test_cache_key_of_older_variants_ignores_the_new_fields(tmp_path):
 
 
 def test_calibration_shape_defaults_per_method():
-    """AWQ's grid search costs ~4x GPTQ per token, so it defaults to the 16 x 256 the sweep picked; a shape the
+    """AWQ's grid search costs ~7x GPTQ per calibration token, so it defaults to the 16 x 256 the sweep picked; a shape the
     recipe sets always wins (in the calibration section or on the variant)."""
     from compress.recipe import Calibration
 
