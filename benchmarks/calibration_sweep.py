@@ -89,16 +89,16 @@ def main(argv=None) -> int:
         return {"perplexity": r["value"], "kl": r["kl"]["mean"], "kl_stderr": r["kl"]["stderr"],
                 "top1": r["kl"]["top1_agreement"]}
 
-    symmetric = Variant(name=args.method, method=args.method, bits=4, group_size=64).symmetric
+    variant = Variant(name=args.method, method=args.method, bits=4, group_size=64)
     points = []
-    if not args.no_rtn:
+    if not args.no_rtn:  # plain rounding of the same format (AWQ's has zero points) is the bar to beat
         model = fresh()
         t0 = time.perf_counter()
-        compress_model(model, Variant(name="rtn", method="rtn", bits=4, group_size=64, symmetric=symmetric), None)
+        compress_model(model, Variant(name="rtn", method="rtn", bits=4, group_size=64, symmetric=variant.symmetric),
+                       None)
         points.append({"source": None, "samples": 0, "seq_len": 0, "method": "rtn", "pipeline": "datafree",
-                       "symmetric": symmetric, "seconds": time.perf_counter() - t0, **score(model)})
+                       "symmetric": variant.symmetric, "seconds": time.perf_counter() - t0, **score(model)})
         print(f"rtn: ppl {points[-1]['perplexity']:.2f} KL {points[-1]['kl']:.4f}", file=sys.stderr)
-    variant = Variant(name=args.method, method=args.method, bits=4, group_size=64)
     texts_cache: dict[str, list[str]] = {}
     for shape in args.shapes:
         samples, seq_len = (int(x) for x in shape.split("x"))
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
           f"beats RTN (ppl / KL) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for pt in points:
-        beats = "—" if pt["method"] == "rtn" or rtn is None else (f"{'yes' if pt['perplexity'] < rtn['perplexity'] else 'no'} / "
-                                                  f"{'yes' if pt['kl'] < rtn['kl'] else 'no'}")
+        beats = "—" if pt["method"] == "rtn" or rtn is None else (
+            f"{'yes' if pt['perplexity'] < rtn['perplexity'] else 'no'} / {'yes' if pt['kl'] < rtn['kl'] else 'no'}")
         print(f"| {pt['method']} | {pt['pipeline']} | {pt['source'] or '—'} | {pt['samples']} x {pt['seq_len']} | "
               f"{pt['samples'] * pt['seq_len']:,} | {pt['seconds']:.1f} | {pt['perplexity']:.2f} | "
               f"{pt['kl']:.4f} ± {pt['kl_stderr']:.4f} | {100 * pt['top1']:.1f} | {beats} |")
