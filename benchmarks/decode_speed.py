@@ -55,10 +55,10 @@ def main(argv=None) -> int:
         r = benchmark_checkpoint_in_subprocess(
             folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
             repeats=args.repeats, device=args.device, dtype=args.dtype, bandwidth_bytes_per_sec=bw["bytes_per_sec"])
-        # the same roofline with the read (torch.mv) bandwidth, for comparison
-        r["roofline_read"] = {b: {**rf, "bound_tok_per_sec": rf["bound_tok_per_sec"] * bw["read_bytes_per_sec"] /
+        # the same roofline with the copy bandwidth (read + write counted), for comparison
+        r["roofline_copy"] = {b: {**rf, "bound_tok_per_sec": rf["bound_tok_per_sec"] * bw["copy_bytes_per_sec"] /
                                   bw["bytes_per_sec"], "utilisation": rf["utilisation"] * bw["bytes_per_sec"] /
-                                  bw["read_bytes_per_sec"]} for b, rf in r["roofline"].items()}
+                                  bw["copy_bytes_per_sec"]} for b, rf in r["roofline"].items()}
         results.append(r)
 
     first = results[0]["batches"]["1"]["tok_per_sec"] if "1" in results[0]["batches"] else None
@@ -66,15 +66,15 @@ def main(argv=None) -> int:
         r["ratio_batch1_vs_first"] = r["batches"]["1"]["tok_per_sec"] / first if first else None
 
     print(f"bandwidth {bw['bytes_per_sec'] / 1e9:.2f} GB/s (range {bw['bytes_per_sec_min'] / 1e9:.2f}-"
-          f"{bw['bytes_per_sec_max'] / 1e9:.2f}; {bw['method']}); read {bw['read_bytes_per_sec'] / 1e9:.2f} GB/s "
-          f"({bw['read_method']})")
+          f"{bw['bytes_per_sec_max'] / 1e9:.2f}; {bw['method']}); copy {bw['copy_bytes_per_sec'] / 1e9:.2f} GB/s "
+          f"({bw['copy_method']})")
     print(f"engine transformers-eager, device {args.device}, dtype {args.dtype}, prompt {args.prompt_tokens}, "
           f"new {args.new_tokens}, repeats {args.repeats}, load avg {os.getloadavg()[0]:.2f}")
     print(f"{'folder':<28}{'batch':>6}{'tok/s':>9}{'(min-max)':>16}{'TTFT ms':>9}{'ms/tok':>8}{'bound':>8}"
-          f"{'util':>6}{'rd bnd':>8}{'rd util':>8}{'disk MB':>9}{'read MB':>9}{'peak MB':>9}{'vs 1st':>7}")
+          f"{'util':>6}{'cp bnd':>8}{'cp util':>8}{'disk MB':>9}{'read MB':>9}{'peak MB':>9}{'vs 1st':>7}")
     for r in results:
         for b, m in r["batches"].items():
-            rf, rr = r["roofline"][b], r["roofline_read"][b]
+            rf, rr = r["roofline"][b], r["roofline_copy"][b]
             ratio = f"{r['ratio_batch1_vs_first']:.2f}" if b == "1" and r["ratio_batch1_vs_first"] else ""
             print(f"{Path(r['folder']).name:<28}{b:>6}{m['tok_per_sec']:>9.1f}"
                   f"{m['tok_per_sec_min']:>8.1f}-{m['tok_per_sec_max']:<7.1f}{m['ttft_s'] * 1000:>9.1f}"
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
                   f"{rr['bound_tok_per_sec']:>8.1f}{rr['utilisation']:>8.2f}"
                   f"{r['weight_bytes_stored'] / 1e6:>9.0f}{r['weight_bytes_in_memory'] / 1e6:>9.0f}"
                   f"{r['peak_memory_bytes'] / 1e6:>9.0f}{ratio:>7}")
-    print("bound = copy bandwidth / (weights in memory + KV at mean context) x batch; 'rd bnd' the same with the "
-          "torch.mv read bandwidth; 'read MB' is the weights decode actually reads (compressed-tensors checkpoints "
+    print("bound = read bandwidth / (weights in memory + KV at mean context) x batch; 'cp bnd' the same with the "
+          "copy bandwidth; 'read MB' is the weights decode actually reads (compressed-tensors checkpoints "
           "are decompressed to the float dtype on the first forward); peak = process peak RSS (own process)")
     print(json.dumps({"bandwidth": bw, "load_avg_1min": os.getloadavg()[0], "results": results}, indent=2))
     return 0

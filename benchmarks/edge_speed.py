@@ -3,12 +3,14 @@
     python benchmarks/edge_speed.py --run runs/smollm2-135m-edge --threads 1 2
     python benchmarks/edge_speed.py --baseline runs/x/baseline FILE.gguf [FILE.gguf ...]
 
-Measured in this order, on one machine, in one invocation: the memory bandwidth (torch copy, as the pipeline does),
+Measured in this order, on one machine, in one invocation: the memory read bandwidth (as the pipeline measures it),
 the baseline checkpoint with transformers (eager, fp32, batch 1, its own process), then every GGUF file with
 llama.cpp at every thread count given (each in its own process). Every row decodes exactly `--new-tokens` greedy
 tokens after a prompt of `--prompt-tokens` tokens (the same sentence), after one warm-up, and reports the median
 of `--repeats` runs. The roofline bound of a GGUF row uses the file's tensor bytes (what llama.cpp reads per
-token) plus its F16 KV cache; the baseline's, its fp32 weights and fp32 KV cache.
+token) plus its F16 KV cache; the baseline's, its fp32 weights and fp32 KV cache. The read bandwidth is probed
+before the first row and after every row, and each row's bound uses the mean of the two probes around it: a shared
+host's bandwidth drifts by tens of percent within minutes (the `raw` records keep the figure passed to the worker).
 
 Prints the table, then for the fastest 4-bit GGUF row its ratio to the baseline's tok/s and its utilisation, then
 JSON last. The load average before and after is printed and kept: figures from a busy machine mean little.
@@ -70,24 +72,38 @@ def main(argv=None) -> int:
     threads = args.threads or list(range(1, available_cores() + 1))
     shape = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats}
 
-    bw = measure_bandwidth(device="cpu")
+    from compress.throughput import bracketed, rebound
+
+    probes = [measure_bandwidth(device="cpu")]
+
+    def judged(raw: dict) -> tuple[dict, dict]:
+        """The row's roofline against the mean of the probes just before and just after it."""
+        probes.append(measure_bandwidth(device="cpu"))
+        bw = bracketed(probes[-2], probes[-1])
+        return rebound(raw["roofline"]["1"], bw["bytes_per_sec"]), bw
+
     base = benchmark_checkpoint_in_subprocess(baseline, batch_sizes=[1], device="cpu", dtype="float32",
-                                              bandwidth_bytes_per_sec=bw["bytes_per_sec"], **shape)
+                                              bandwidth_bytes_per_sec=probes[0]["bytes_per_sec"], **shape)
+    rf, bw = judged(base)
     base_tok = base["batches"]["1"]["tok_per_sec"]
     rows = [{"name": baseline.name, "engine": "transformers-eager", "threads": base["threads"], "bits": 32,
              "tok_per_sec": base_tok, "ttft_s": base["batches"]["1"]["ttft_s"],
              "range": (base["batches"]["1"]["tok_per_sec_min"], base["batches"]["1"]["tok_per_sec_max"]),
-             "read_bytes": base["roofline"]["1"]["bytes_per_token"], "bound": base["roofline"]["1"]["bound_tok_per_sec"],
-             "utilisation": base["roofline"]["1"]["utilisation"], "peak_bytes": base["peak_memory_bytes"],
+             "read_bytes": rf["bytes_per_token"], "bandwidth": bw["bytes_per_sec"],
+             "bandwidth_before_after": (bw["before_bytes_per_sec"], bw["after_bytes_per_sec"]),
+             "bound": rf["bound_tok_per_sec"], "utilisation": rf["utilisation"], "peak_bytes": base["peak_memory_bytes"],
              "ratio": 1.0, "raw": base}]
     for name, path, bits in files:
         for t in threads:
-            r = llamacpp.decode_benchmark_in_subprocess(path, threads=t, bandwidth_bytes_per_sec=bw["bytes_per_sec"],
-                                                        **shape)
-            one, rf = r["batches"]["1"], r["roofline"]["1"]
+            r = llamacpp.decode_benchmark_in_subprocess(
+                path, threads=t, bandwidth_bytes_per_sec=probes[-1]["bytes_per_sec"], **shape)
+            one = r["batches"]["1"]
+            rf, bw = judged(r)
             rows.append({"name": name, "engine": "llama.cpp", "threads": t, "bits": bits, "dtype": r["dtype"],
                          "tok_per_sec": one["tok_per_sec"], "ttft_s": one["ttft_s"],
                          "range": (one["tok_per_sec_min"], one["tok_per_sec_max"]), "read_bytes": rf["bytes_per_token"],
+                         "bandwidth": bw["bytes_per_sec"],
+                         "bandwidth_before_after": (bw["before_bytes_per_sec"], bw["after_bytes_per_sec"]),
                          "bound": rf["bound_tok_per_sec"], "utilisation": rf["utilisation"],
                          "peak_bytes": r["peak_memory_bytes"], "ratio": one["tok_per_sec"] / base_tok, "raw": r})
     load_after = os.getloadavg()
@@ -95,16 +111,19 @@ def main(argv=None) -> int:
     cpp = rows[1]["raw"]
     print(f"device: {_cpu_model() or platform.processor()}, {available_cores()} cores; llama.cpp via "
           f"{cpp['engine_version']} (weight repacking {'on' if cpp['weight_repacking'] else 'off'}; {cpp['cpu_features']})")
-    print(f"bandwidth {bw['bytes_per_sec'] / 1e9:.2f} GB/s ({bw['method']}); read {bw['read_bytes_per_sec'] / 1e9:.2f} "
-          f"GB/s ({bw['read_method']})")
+    figures = [p["bytes_per_sec"] / 1e9 for p in probes]
+    print(f"read bandwidth, probed before the first row and after every row: {', '.join(f'{x:.1f}' for x in figures)} "
+          f"GB/s ({probes[0]['method']}); each row's bound uses the mean of the probes around it; "
+          f"copy for reference {probes[0]['copy_bytes_per_sec'] / 1e9:.1f} GB/s ({probes[0]['copy_method']})")
     print(f"shape: prompt {args.prompt_tokens} tokens, {args.new_tokens} generated, batch 1, 1 warm-up + "
           f"{args.repeats} timed runs each, median; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{'row':<22}{'engine':<20}{'thr':>4}{'tok/s':>9}{'(min-max)':>16}{'TTFT ms':>9}{'read MB/tok':>12}"
-          f"{'bound':>8}{'util':>7}{'peak MB':>9}{'x base':>8}")
+          f"{'GB/s':>6}{'bound':>8}{'util':>7}{'peak MB':>9}{'x base':>8}")
     for r in rows:
         print(f"{r['name']:<22}{r['engine']:<20}{r['threads']:>4}{r['tok_per_sec']:>9.1f}"
               f"{r['range'][0]:>8.1f}-{r['range'][1]:<7.1f}{r['ttft_s'] * 1000:>9.1f}{r['read_bytes'] / 1e6:>12.1f}"
-              f"{r['bound']:>8.0f}{100 * r['utilisation']:>6.0f}%{r['peak_bytes'] / 1e6:>9.0f}{r['ratio']:>8.2f}")
+              f"{r['bandwidth'] / 1e9:>6.1f}{r['bound']:>8.0f}{100 * r['utilisation']:>6.0f}%"
+              f"{r['peak_bytes'] / 1e6:>9.0f}{r['ratio']:>8.2f}")
     four = [r for r in rows[1:] if r["bits"] == 4]
     summary = None
     if four:
@@ -116,11 +135,11 @@ def main(argv=None) -> int:
         print(f"fastest 4-bit GGUF row: {best['name']} ({best['dtype']}), llama.cpp {best['threads']} thread(s): "
               f"{best['tok_per_sec']:.1f} tok/s = {best['ratio']:.2f}x the fp32 transformers baseline "
               f"({base_tok:.1f} tok/s, {base['threads']} threads); {100 * best['utilisation']:.0f}% of its "
-              f"memory-bandwidth bound ({best['bound']:.0f} tok/s = {bw['bytes_per_sec'] / 1e9:.1f} GB/s / "
+              f"memory-bandwidth bound ({best['bound']:.0f} tok/s = {best['bandwidth'] / 1e9:.1f} GB/s / "
               f"{best['read_bytes'] / 1e6:.1f} MB per token)")
     for r in rows:
         del r["raw"]
-    print(json.dumps({"bandwidth": bw, "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0],
+    print(json.dumps({"bandwidth_probes": probes, "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0],
                       "shape": shape, "baseline": str(baseline), "rows": rows, "summary": summary,
                       "baseline_raw": base, "llamacpp_example_raw": cpp}, indent=2, default=str))
     return 0

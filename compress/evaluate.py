@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 from pathlib import Path
 
 from compress.accuracy import TASKS_DIR, available_tasks
@@ -85,8 +86,14 @@ def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) ->
 
     data_dir = Path(ev.data_dir).expanduser()
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
-    if settings["throughput"] and not gguf:  # llama.cpp's threads change only the figures of GGUF rows
-        settings["throughput"].pop("llamacpp_threads")
+    if settings["throughput"]:
+        if not gguf:  # llama.cpp's threads change only the figures of GGUF rows
+            settings["throughput"].pop("llamacpp_threads")
+        # what the roofline divides by: figures cached under another bandwidth probe are measured again, so one
+        # report never mixes two definitions of the bound
+        from compress.throughput import BANDWIDTH_PROBE
+
+        settings["throughput"]["bandwidth_probe"] = BANDWIDTH_PROBE
     blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
@@ -120,7 +127,6 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     eval_dir.mkdir(exist_ok=True)
     data_dir = Path(ev.data_dir).expanduser()
     run_info: dict = {"evaluation": ev.model_dump(exclude={"selfcheck_prompts"})}
-    bandwidth = None  # measured once, when the first variant needs it; cached measurements carry their own
 
     names = sorted((n for n, r in records.items() if r["status"] == "ok"),
                    key=lambda n: records[n]["method"] != "baseline")
@@ -187,10 +193,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                      "would not be that of an engine storing the cache that way", name)
         elif ev.throughput:
             t = ev.throughput
-            if bandwidth is None:
-                log.info("stage bandwidth: measuring %s memory bandwidth (large copy)", device)
-                bandwidth = throughput.measure_bandwidth(device=device)
-            result["bandwidth"] = bandwidth
+            log.info("stage bandwidth: measuring %s memory read bandwidth (large read-only stream)", device)
+            bandwidth = throughput.measure_bandwidth(device=device)
             if gguf:
                 from compress import llamacpp
 
@@ -207,7 +211,11 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                     folder, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, batch_sizes=t.batch_sizes,
                     repeats=t.repeats, device=device, dtype=str(dtype).removeprefix("torch."),
                     bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
-            rooflines = bench.pop("roofline")
+            # probes before and after the row: the bound is their mean (a shared host's bandwidth drifts)
+            bandwidth = throughput.bracketed(bandwidth, throughput.measure_bandwidth(device=device))
+            result["bandwidth"] = bandwidth
+            rooflines = {b: throughput.rebound(rf, bandwidth["bytes_per_sec"])
+                         for b, rf in bench.pop("roofline").items()}
             result["throughput"] = bench
             result["roofline"] = rooflines.get("1") or next(iter(rooflines.values()))
             result["roofline"]["per_batch"] = {b: {k: r[k] for k in ("bound_tok_per_sec", "utilisation")}
@@ -218,10 +226,13 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         write_json_atomic(path, result)
         measured[name] = result
 
-    # the run's bandwidth: this run's measurement, else the one the cached figures were computed with
+    # the run's bandwidth: the figures every row's bound was computed with (one per throughput row), and their range
     bandwidths = [r["bandwidth"] for r in measured.values() if "bandwidth" in r]
-    if bandwidth or bandwidths:
-        run_info["bandwidth"] = bandwidth or bandwidths[0]
+    if bandwidths:
+        figures = [b["bytes_per_sec"] for b in bandwidths]
+        run_info["bandwidth"] = {**bandwidths[0], "bytes_per_sec": statistics.median(figures),
+                                 "rows_bytes_per_sec_min": min(figures), "rows_bytes_per_sec_max": max(figures),
+                                 "rows": len(figures)}
     for name, result in measured.items():
         summary = {k: v for k, v in result.items() if k not in ("eval_key", "bandwidth")}
         if "tasks" in summary:

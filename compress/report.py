@@ -418,11 +418,18 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
         bw = run.get("bandwidth") or {}
         if not bw.get("bytes_per_sec"):
             return ["memory bandwidth: not measured"]
-        return [f"memory bandwidth {bw['bytes_per_sec'] / 1e9:.1f} GB/s, measured by {_v(bw.get('method'))}"]
+        line = f"memory bandwidth {bw['bytes_per_sec'] / 1e9:.1f} GB/s, measured by {_v(bw.get('method'))}"
+        if bw.get("rows", 0) > 1:
+            line += (f"; median over the {bw['rows']} throughput rows, each row's bound uses its own figure "
+                     f"({bw['rows_bytes_per_sec_min'] / 1e9:.1f}-{bw['rows_bytes_per_sec_max'] / 1e9:.1f} GB/s)")
+        if bw.get("copy_bytes_per_sec"):
+            line += (f"; a copy moved {bw['copy_bytes_per_sec'] / 1e9:.1f} GB/s (read + write counted; not the bound: "
+                     f"decode only reads)")
+        return [line]
 
     lines = _per_run(runs, bandwidth_lines)
     lines.append("roofline: a batch-1 decode step reads every weight and the KV cache once, so tok/s cannot exceed "
-                 "bandwidth / (weight bytes + KV bytes); utilisation = measured tok/s at batch 1 / that bound. "
+                 "read bandwidth / (weight bytes + KV bytes); utilisation = measured tok/s at batch 1 / that bound. "
                  "Weight bytes = what the engine reads: transformers decompresses compressed-tensors checkpoints to "
                  "the float dtype, so those rows read fp32; llama.cpp reads the GGUF file's tensors as stored "
                  "(its tensor bytes); the KV cache is fp32 in transformers on CPU and F16 in llama.cpp.")

@@ -22,6 +22,7 @@ from compress.environment import proc_status_bytes
 
 PROMPT_SENTENCE = "The quick brown fox jumps over the lazy dog while the model reads its prompt. "
 MiB = 1 << 20
+BANDWIDTH_PROBE = "read-stream, bracketed per row"  # what `measure_bandwidth` calls the bandwidth (part of the evaluation cache key)
 
 
 def _sync(device: str) -> None:
@@ -33,17 +34,21 @@ def _sync(device: str) -> None:
 
 
 def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: str = "cpu") -> dict:
-    """Sustained memory bandwidth from a large tensor copy `dst.copy_(src)`, in bytes per second.
+    """The memory bandwidth a decode step can use: how fast this machine streams reads from memory, in bytes/s.
 
-    A copy reads `size` bytes and writes `size` bytes, so 2 x size bytes move per copy. The tensor must be much larger
-    than the caches (512 MiB on CPU, 2 GiB on GPU by default) or the figure is cache bandwidth, which decode of a real
-    model never sees. One warm-up copy first (page faults, allocator, clocks), then the median of `repeats` timed
-    copies: the median ignores one copy slowed by another process on a shared machine.
+    A batch-1 decode step is a read stream (every weight once, a matrix-vector product over it), so its ceiling is
+    the read bandwidth, measured here as two read-only kernels over one tensor much larger than the caches (512 MiB on
+    CPU, 2 GiB on GPU by default; smaller and the figure is cache bandwidth, which decode of a real model never
+    sees): `tensor.sum()` (a plain vectorised stream) and `torch.mv` over the same bytes viewed as a matrix (the
+    decode kernel itself). Each gets one warm-up (page faults, clocks), then the median of `repeats` timed runs (the
+    median ignores one run slowed by another process). `bytes_per_sec` -- what every roofline divides by -- is the
+    faster of the two medians: the best read rate this machine demonstrably reaches, so no engine is flattered by a
+    slow probe (BLAS sgemv reached only 70% of `sum` on the AMD EPYC this was tuned on).
 
-    A copy also writes, and on x86 a write usually first reads the line it overwrites (write-allocate), so counting
-    2 x size can understate what the memory system delivers to a read-only stream. Decode is such a stream: a
-    matrix-vector product over the weights. So the same tensor is also read as a matrix by `torch.mv`, counting its
-    bytes once, and reported as `read_bytes_per_sec`; `bytes_per_sec` stays the copy figure.
+    A copy `dst.copy_(src)` is also timed and kept as `copy_bytes_per_sec` (read + write counted), for reference
+    only: it counts writes decode does not do, and it is unstable on CPUs whose copy may or may not use streaming
+    stores: on one 2-core AMD EPYC it measured 33 GB/s in one process and 53 GB/s in another, while `sum` read at
+    32-34 GB/s in both. On a 2-core Intel Xeon it went the other way (copy 26.6, mv 32.0 GB/s).
     """
     import torch
 
@@ -52,38 +57,62 @@ def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: s
         size_bytes = (2 << 30) if on_gpu else 512 * MiB
     n = max(1, size_bytes // 4)
     src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up: touches every page of dst
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        rates.append(2 * n * 4 / (time.perf_counter() - t0))
-    del dst
     rows = 4096 if n >= 4096 else 1
     matrix = src[: n - n % rows].view(rows, -1)
     vector = torch.ones(matrix.shape[1], dtype=torch.float32, device=device)
-    torch.mv(matrix, vector)  # warm-up
-    read_rates = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mv(matrix, vector)
-        _sync(device)
-        read_rates.append(matrix.numel() * 4 / (time.perf_counter() - t0))
+    dst = torch.empty_like(src)
+
+    def rates(fn, nbytes: int) -> list[float]:
+        fn()  # warm-up: touches every page, settles clocks
+        out = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(nbytes / (time.perf_counter() - t0))
+        return out
+
+    copy = rates(lambda: dst.copy_(src), 2 * n * 4)
+    del dst
+    probes = {"torch.sum": rates(lambda: src.sum(), n * 4),
+              "torch.mv": rates(lambda: torch.mv(matrix, vector), matrix.numel() * 4)}
     del src, matrix, vector
+    medians = {k: statistics.median(v) for k, v in probes.items()}
+    best = max(medians, key=medians.get)
+    size_mib = f"{n * 4 / MiB:g} MiB"
     return {
-        "bytes_per_sec": statistics.median(rates),
-        "bytes_per_sec_min": min(rates),
-        "bytes_per_sec_max": max(rates),
-        "method": f"torch copy_ of {n * 4 / MiB:g} MiB fp32, read+write counted, median of {repeats}",
+        "bytes_per_sec": medians[best],
+        "bytes_per_sec_min": min(probes[best]),
+        "bytes_per_sec_max": max(probes[best]),
+        "method": (f"read stream: {best} over {size_mib} fp32, median of {repeats} (the faster of "
+                   + " / ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in medians.items()) + ")"),
         "device": str(device),
-        "read_bytes_per_sec": statistics.median(read_rates),
-        "read_method": f"torch.mv over the same {n * 4 / MiB:g} MiB as a matrix, read counted, median of {repeats}",
+        "read_probes_bytes_per_sec": medians,
+        "copy_bytes_per_sec": statistics.median(copy),
+        "copy_method": f"torch copy_ of {size_mib} fp32, read+write counted, median of {repeats} (reference only)",
     }
+
+
+def bracketed(before: dict, after: dict) -> dict:
+    """The bandwidth of a measurement taken between two probes: the mean of their figures, both kept.
+
+    On a shared host the read bandwidth a VM gets drifts by tens of percent within minutes (the machine this was
+    written on read 24-50 GB/s at different moments), so each throughput row is judged against probes taken just
+    before and just after it rather than against one figure from the start of a long run."""
+    out = {**before, "bytes_per_sec": (before["bytes_per_sec"] + after["bytes_per_sec"]) / 2,
+           "bytes_per_sec_min": min(before["bytes_per_sec_min"], after["bytes_per_sec_min"]),
+           "bytes_per_sec_max": max(before["bytes_per_sec_max"], after["bytes_per_sec_max"]),
+           "before_bytes_per_sec": before["bytes_per_sec"], "after_bytes_per_sec": after["bytes_per_sec"]}
+    out["method"] = f"mean of probes before and after the row; each: {before['method']}"
+    return out
+
+
+def rebound(rf: dict, bandwidth_bytes_per_sec: float) -> dict:
+    """A roofline record recomputed for another bandwidth figure (same bytes, same measured tok/s)."""
+    bound = bandwidth_bytes_per_sec / rf["bytes_per_step"] * rf["batch"]
+    util = rf["utilisation"] * rf["bound_tok_per_sec"] / bound
+    return {**rf, "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec, "bound_tok_per_sec": bound, "utilisation": util}
 
 
 def kv_bytes(config, seq_len: int, batch: int, dtype_bytes: int) -> int:

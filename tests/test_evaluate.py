@@ -88,3 +88,18 @@ def test_bad_evaluation_input_exits_2(tmp_path, tiny_model, calib_file, data_dir
     assert main(["run", str(recipe)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_key_covers_the_bandwidth_probe_only_with_throughput(data_dir, monkeypatch):
+    """Cached figures measured under another bandwidth definition are redone, so a report never mixes two bounds;
+    an evaluation without throughput keeps its cache."""
+    from compress import evaluate, throughput
+    from compress.recipe import Evaluation
+
+    with_tp = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                         throughput={"prompt_tokens": 8, "new_tokens": 4})
+    without = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"}, throughput=None)
+    before = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
+    monkeypatch.setattr(throughput, "BANDWIDTH_PROBE", "another-probe")
+    after = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
+    assert after[0] != before[0] and after[1] == before[1]
