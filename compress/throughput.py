@@ -22,7 +22,8 @@ from compress.environment import proc_status_bytes
 
 PROMPT_SENTENCE = "The quick brown fox jumps over the lazy dog while the model reads its prompt. "
 MiB = 1 << 20
-BANDWIDTH_PROBE = "read-stream, bracketed per row"  # what `measure_bandwidth` calls the bandwidth (part of the evaluation cache key)
+# what `measure_bandwidth` calls the bandwidth, and how rows are judged against it (part of the evaluation cache key)
+BANDWIDTH_PROBE = "read-stream, bracketed per row"
 
 
 def _sync(device: str) -> None:
@@ -46,9 +47,9 @@ def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: s
     slow probe (BLAS sgemv reached only 70% of `sum` on the AMD EPYC this was tuned on).
 
     A copy `dst.copy_(src)` is also timed and kept as `copy_bytes_per_sec` (read + write counted), for reference
-    only: it counts writes decode does not do, and it is unstable on CPUs whose copy may or may not use streaming
-    stores: on one 2-core AMD EPYC it measured 33 GB/s in one process and 53 GB/s in another, while `sum` read at
-    32-34 GB/s in both. On a 2-core Intel Xeon it went the other way (copy 26.6, mv 32.0 GB/s).
+    only: it counts writes decode does not do, so it says nothing certain about a read stream. On a 2-core AMD EPYC
+    VM it swung between 33 and 53 GB/s from one process to the next; on a 2-core Intel Xeon it came out below the
+    read figure (copy 26.6, mv 32.0 GB/s).
     """
     import torch
 
