@@ -2,6 +2,9 @@
 
     python benchmarks/edge_speed.py --run runs/smollm2-135m-edge --threads 1 2
     python benchmarks/edge_speed.py --baseline runs/x/baseline FILE.gguf [FILE.gguf ...]
+    python benchmarks/edge_speed.py --baseline runs/synthetic-1.1b/hf runs/synthetic-1.1b/model-Q4_0.gguf
+
+(the last on a random-weight model of a 1.1B shape from benchmarks/synthetic_llama.py: speed only, see there.)
 
 Measured in this order, on one machine, in one invocation: the memory read bandwidth (as the pipeline measures it),
 the baseline checkpoint with transformers (eager, fp32, batch 1, its own process), then every GGUF file with
@@ -115,6 +118,9 @@ def main(argv=None) -> int:
     print(f"read bandwidth, probed before the first row and after every row: {', '.join(f'{x:.1f}' for x in figures)} "
           f"GB/s ({probes[0]['method']}); each row's bound uses the mean of the probes around it; "
           f"copy for reference {probes[0]['copy_bytes_per_sec'] / 1e9:.1f} GB/s ({probes[0]['copy_method']})")
+    synthetic = baseline / "SYNTHETIC.md"
+    if synthetic.is_file():
+        print(f"model: {synthetic.read_text().strip()}")
     print(f"shape: prompt {args.prompt_tokens} tokens, {args.new_tokens} generated, batch 1, 1 warm-up + "
           f"{args.repeats} timed runs each, median; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{'row':<22}{'engine':<20}{'thr':>4}{'tok/s':>9}{'(min-max)':>16}{'TTFT ms':>9}{'read MB/tok':>12}"
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
     for r in rows:
         del r["raw"]
     print(json.dumps({"bandwidth_probes": probes, "load_avg_1min_before": load_before[0], "load_avg_1min_after": load_after[0],
-                      "shape": shape, "baseline": str(baseline), "rows": rows, "summary": summary,
+                      "shape": shape, "baseline": str(baseline), "synthetic_weights": synthetic.is_file(), "rows": rows, "summary": summary,
                       "baseline_raw": base, "llamacpp_example_raw": cpp}, indent=2, default=str))
     return 0
 

@@ -86,6 +86,10 @@ def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) ->
 
     data_dir = Path(ev.data_dir).expanduser()
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
+    if gguf:  # llama.cpp's attention kernel changes both the logits and the speed of GGUF rows
+        from compress.llamacpp import FLASH_ATTENTION  # a constant: importing it does not load llama_cpp
+
+        settings["llamacpp_flash_attention"] = FLASH_ATTENTION
     if settings["throughput"]:
         if not gguf:  # llama.cpp's threads change only the figures of GGUF rows
             settings["throughput"].pop("llamacpp_threads")

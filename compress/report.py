@@ -398,10 +398,11 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
 
     lines = _per_setting(
         _distinct(ok, "throughput", ("engine", "device", "repeats", "prompt_tokens", "new_tokens", "memory_kind",
-                                     "threads", "engine_version", "weight_repacking")),
+                                     "threads", "engine_version", "weight_repacking", "flash_attention")),
         lambda s: f"engine {_v(s[0])}{' (' + s[7] + ')' if s[7] else ''} on {_v(s[1])}"
                   f"{', ' + str(s[6]) + (' threads' if s[6] != 1 else ' thread') if s[6] else ''}"
-                  f"{'' if s[8] is None else ', weight repacking ' + ('on' if s[8] else 'off (AMX build)')}: "
+                  f"{'' if s[8] is None else ', weight repacking ' + ('on' if s[8] else 'off (AMX build)')}"
+                  f"{'' if s[9] is None else ', flash attention ' + ('on' if s[9] else 'off')}: "
                   f"{_v(s[3])} prompt tokens then {_v(s[4])} generated, "
                   f"median tok/s of {_v(s[2])} repeats at batch 1 (results.csv has min and max); TTFT = time to the "
                   f"first generated token; peak memory = {_memory_kind(s[5])}", len(ok))

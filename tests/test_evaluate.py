@@ -103,3 +103,17 @@ def test_eval_key_covers_the_bandwidth_probe_only_with_throughput(data_dir, monk
     monkeypatch.setattr(throughput, "BANDWIDTH_PROBE", "another-probe")
     after = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeypatch):
+    """Flash attention changes llama.cpp's logits and speed, so a GGUF row measured with the other setting is
+    redone; a transformers row keeps its cache."""
+    from compress import evaluate, llamacpp
+    from compress.recipe import Evaluation
+
+    ev = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                    throughput={"prompt_tokens": 8, "new_tokens": 4})
+    before = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    monkeypatch.setattr(llamacpp, "FLASH_ATTENTION", not llamacpp.FLASH_ATTENTION)
+    after = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    assert after[0] != before[0] and after[1] == before[1]

@@ -125,6 +125,7 @@ def test_decode_benchmark_fields(exported):
     assert rf["bound_tok_per_sec"] == pytest.approx(bw / (summary["tensor_bytes"] + rf["kv_bytes"]))
     assert rf["utilisation"] == pytest.approx(one["tok_per_sec"] / rf["bound_tok_per_sec"])
     assert r["peak_memory_bytes"] >= r["rss_now_bytes"] > 0 and isinstance(r["weight_repacking"], bool)
+    assert r["flash_attention"] is llamacpp.FLASH_ATTENTION
 
 
 def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_file, monkeypatch):

@@ -237,7 +237,8 @@ def _gguf_record(name: str, tok: float, bits: int = 4) -> dict:
                            "windows": 40, "tokens": 20440},
             "throughput": {"engine": "llama.cpp", "threads": 1, "device": "cpu", "batches": {"1": {
                 "tok_per_sec": tok, "ttft_s": 0.05}}, "repeats": 5, "prompt_tokens": 128, "new_tokens": 64,
-                "memory_kind": "rss", "engine_version": "llama-cpp-python 0.3.36", "weight_repacking": False},
+                "memory_kind": "rss", "engine_version": "llama-cpp-python 0.3.36", "weight_repacking": False,
+                "flash_attention": True},
             "roofline": {"bytes_per_token": 104_000_000, "weight_bytes": 103_668_480, "bound_tok_per_sec": 240.0,
                          "bandwidth_bytes_per_sec": 25e9, "utilisation": tok / 240.0}}
 
@@ -263,4 +264,4 @@ def test_engine_column_gguf_table_and_speed_note(tmp_path, results):
     assert "54% of its memory-bandwidth bound (240 tok/s = 25.0 GB/s / 104.0 MB read per token)" in speed
     assert "≥ 2× the baseline's tok/s — met; ≥ 50% of the bandwidth bound — met." in speed
     assert "perplexity and KL of gguf-fast, gguf-slow, gguf-q8 come from llama.cpp's logits" in md
-    assert "engine llama.cpp (llama-cpp-python 0.3.36) on cpu, 1 thread, weight repacking off (AMX build)" in md
+    assert "engine llama.cpp (llama-cpp-python 0.3.36) on cpu, 1 thread, weight repacking off (AMX build), flash attention on:" in md
