@@ -76,10 +76,9 @@ def main(argv=None) -> int:
 
     from compress import llamacpp
     from compress.load import resolve_source
-    from compress.recipe import EMBEDDED_MODEL, ModelSpec
-    from compress.recipe import GGUF_TYPE_BITS
+    from compress.recipe import EMBEDDED_MODEL, GGUF_TYPE_BITS, ModelSpec
 
-    unknown = [t for t in args.types if t not in GGUF_TYPE_BITS and t not in llamacpp.CONVERTER_OUTTYPE]
+    unknown = [t for t in args.types if t not in GGUF_TYPE_BITS]
     if unknown:
         p.error(f"--types: unknown llama.cpp file type(s) {unknown}; expected some of {sorted(GGUF_TYPE_BITS)}")
     llamacpp.require()
