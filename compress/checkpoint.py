@@ -4,33 +4,28 @@ A checkpoint directory that exists under its final name is complete: weights (co
 quantized variants), config.json with `quantization_config`, tokenizer, generation config, llm-compressor's
 recipe.yaml, the compress recipe for this variant, a model card, and last `manifest.json` with the sha256 and size
 of every other file. The rename is atomic on one filesystem, so a run killed at any point leaves either the old
-complete checkpoint or none, plus a `.tmp-*` folder that the next run deletes.
+complete checkpoint or none, plus a `.tmp-compress-*` folder that the next run deletes (compress/ownership.py: only
+staging whose writer is gone, and never a folder compress did not write).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from compress import ownership
 
 MANIFEST = "manifest.json"
 
 
 def new_staging_dir(output: Path, name: str) -> Path:
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=output))
-    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be read by a server's user
-    return staging
+    return ownership.new_staging_dir(output, name)
 
 
 def remove_stale_staging(output: Path) -> None:
-    """Delete what an interrupted run left half written."""
-    if output.is_dir():
-        for p in output.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    """Delete what an interrupted run of compress left half written (never another process's staging)."""
+    ownership.remove_stale_staging(output)
 
 
 def save_model(model, tokenizer, staging: Path, quantized: bool) -> None:
@@ -47,9 +42,7 @@ def save_model(model, tokenizer, staging: Path, quantized: bool) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a temporary name, then rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    ownership.write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def sha256_file(path: Path) -> str:
@@ -69,13 +62,7 @@ def finalize(staging: Path, dest: Path, cache_key: str, record: dict) -> dict:
     manifest = {"cache_key": cache_key, "complete": True, "files": files, "size_bytes": record["size_bytes"],
                 "record": record}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if dest.exists():  # an older complete checkpoint with another cache key: replace it
-        old = dest.with_name(f".tmp-old-{dest.name}")
-        os.replace(dest, old)
-        os.replace(staging, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, dest)
+    ownership.replace_checkpoint(staging, dest)  # an older compress checkpoint is replaced, nothing else
     return manifest
 
 
@@ -90,9 +77,7 @@ def refresh_card(folder: Path, text: str) -> int:
     manifest = json.loads((folder / MANIFEST).read_text())
     if card.is_file() and card.read_text() == text:
         return manifest["size_bytes"]
-    tmp = folder / ".tmp-README.md"
-    tmp.write_text(text)
-    os.replace(tmp, card)
+    ownership.write_atomic(card, text.encode())
     manifest["files"]["README.md"] = {"size_bytes": card.stat().st_size, "sha256": sha256_file(card)}
     manifest["size_bytes"] = manifest["record"]["size_bytes"] = sum(f["size_bytes"]
                                                                     for f in manifest["files"].values())

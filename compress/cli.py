@@ -17,13 +17,18 @@ from compress.recipe import InputError, load_recipe
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks (by default an error is one sentence)")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="build (or reuse) every variant's checkpoint and write results.json")
+    run = sub.add_parser("run", parents=[common],
+                         help="build (or reuse) every variant's checkpoint and write results.json")
     run.add_argument("recipe", type=Path)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
-    plan = sub.add_parser("plan", help="the plan and the GPU memory planner (weights + KV per GPU); no weights loaded")
+    plan = sub.add_parser("plan", parents=[common],
+                          help="the plan and the GPU memory planner (weights + KV per GPU); no weights loaded")
     plan.add_argument("recipe", type=Path)
-    report = sub.add_parser("report", help="rebuild report.md/.html and results.csv from one or more run directories")
+    report = sub.add_parser("report", parents=[common],
+                            help="rebuild report.md/.html and results.csv from one or more run directories")
     report.add_argument("runs", nargs="+", type=Path)
     report.add_argument("--out", type=Path, default=None, help="where the merged report goes (needed for 2+ runs)")
     return p
@@ -33,6 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s compress %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("compress").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        return _main(args)
+    except Exception as e:  # a failure outside any one variant (e.g. the disk filled while writing the report)
+        if args.debug:
+            raise
+        from compress.resources import one_line
+
+        print(f"error: {one_line(e, Path(getattr(args, 'recipe', None) or '.'))}\n"
+              f"(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     if args.command == "report":
         from compress.report import main_report
 

@@ -94,6 +94,19 @@ def proc_status_bytes(field: str) -> int | None:
     return None
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), between variants: glibc keeps
+    freed memory in its arenas, so without it each variant would start from the previous one's high-water mark."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def reset_peak_memory(device: str) -> None:
     """Start a new peak-memory window: the process's RSS high-water mark (Linux: write 5 to /proc/self/clear_refs)
     or the GPU allocator's peak. Without it, a later variant would report the largest peak of any earlier one."""

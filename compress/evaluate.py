@@ -19,7 +19,8 @@ import statistics
 from pathlib import Path
 
 from compress.accuracy import TASKS_DIR, available_tasks
-from compress.checkpoint import sha256_file, write_json_atomic
+from compress import ownership
+from compress.checkpoint import sha256_file
 from compress.recipe import Evaluation, InputError, Recipe
 
 log = logging.getLogger("compress")
@@ -119,11 +120,25 @@ def llamacpp_model(path: Path, context: int):
     return llamacpp.GGUFModel(path, context=context)
 
 
+def _read_cached(path: Path) -> dict | None:
+    """A variant's cached measurements, or None when there are none or the file does not parse (a corrupted cache
+    is measured again, never trusted and never a crash)."""
+    try:
+        cached = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("stage evaluate: %s does not load (%s); measuring again", path, type(e).__name__)
+        return None
+    return cached if isinstance(cached, dict) else None
+
+
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures."""
     from transformers import AutoTokenizer
 
     from compress import perplexity, throughput
+    from compress.environment import peak_memory_bytes, release_freed_memory, reset_peak_memory
     from compress.recovery import recovery
 
     ev = recipe.evaluation
@@ -145,12 +160,14 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         gguf = record.get("gguf")
         key = eval_key(ev, record["cache_key"], device, gguf=bool(gguf))
         path = eval_dir / f"{name}.json"
-        cached = json.loads(path.read_text()) if path.is_file() else None
+        cached = _read_cached(path)
         if cached and cached.get("eval_key") == key:
             log.info("stage evaluate: %s unchanged, reusing %s", name, path)
             measured[name] = cached
             continue
         log.info("stage evaluate: %s from %s", name, record["checkpoint"])
+        release_freed_memory()
+        reset_peak_memory(device)  # this variant's peak (the baseline stays loaded as the KL reference)
         folder = Path(record["checkpoint"])
         # GGUF rows: perplexity, KL and decode run in llama.cpp on the file itself; lm-eval needs a transformers
         # model, so the tasks read the same file dequantized (same weights, fp32 arithmetic)
@@ -227,7 +244,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         if name == base_name:
             reference = model  # the KL reference for every later variant: no second load of the baseline
         del model
-        write_json_atomic(path, result)
+        result["evaluate_peak_memory_bytes"], result["evaluate_peak_memory_kind"] = peak_memory_bytes(device)
+        ownership.write_owned(output, f"eval/{name}.json", json.dumps(result, indent=2) + "\n")
         measured[name] = result
 
     # the run's bandwidth: the figures every row's bound was computed with (one per throughput row), and their range

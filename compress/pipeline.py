@@ -57,7 +57,38 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
     resolve_device_dtype(recipe.model)
     check_group_sizes(recipe, recipe_path, load_config(source))
     check_backends(recipe, recipe_path)
+    check_output(recipe, recipe_path)
     return source
+
+
+REPORT_FILES = ("report.md", "report.html", "results.csv")
+
+
+def check_output(recipe: Recipe, recipe_path: Path) -> None:
+    """Every path the run will write is absent or provably compress's (compress/ownership.py); otherwise exit 2
+    before any work, naming each path in the way."""
+    from compress import ownership
+
+    output = Path(recipe.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{recipe_path}: output: {output} is a file; expected a folder (or a path to create)")
+    if not output.is_dir():
+        return
+    errors = []
+    for v in recipe.variants:
+        try:
+            ownership.check_checkpoint_dest(output / v.name)
+        except ownership.ForeignPathError as e:
+            errors.append(f"{recipe_path}: variants: {v.name}: {e}")
+    for sub in ("eval", ".students"):
+        if (output / sub).exists() and not (output / sub).is_dir():
+            errors.append(f"{recipe_path}: output: {output / sub} is a file where compress keeps its {sub}/ folder; "
+                          f"{ownership.HOW_TO_PROCEED}")
+    rels = [RESULTS, *REPORT_FILES] + ([f"eval/{v.name}.json" for v in recipe.variants]
+                                       if (output / "eval").is_dir() else [])
+    errors += [f"{recipe_path}: output: {m}" for m in ownership.check_files(output, rels)]
+    if errors:
+        raise ownership.ForeignPathError("\n".join(errors))
 
 
 # optional backends: (import name, what needs it, the pip extra that installs it)
@@ -92,6 +123,12 @@ def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
     from compress.quantize import quantized_input_widths
 
     errors = []
+    layers = getattr(config, "num_hidden_layers", None)
+    for i, v in enumerate(recipe.variants):
+        drop = v.distill.student.drop if v.distill else None
+        if drop and layers and max(drop) >= layers:
+            errors.append(f"{recipe_path}: {recipe.field_path(i, 'distill.student.drop')}: {drop} names layers "
+                          f"beyond the teacher's 0..{layers - 1}")
     for i, v in enumerate(recipe.variants):
         if not v.group_size:
             continue
@@ -208,7 +245,8 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     """Build every variant. Returns the exit code: 0 all ok, 1 some variant failed."""
     from tqdm import tqdm
 
-    from compress.environment import configure_cpu, environment
+    from compress import ownership, resources
+    from compress.environment import configure_cpu, environment, release_freed_memory
 
     configure_cpu()
     log.info("stage check-inputs: %s", recipe_path)
@@ -217,11 +255,16 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     env = environment(device, dtype)
     versions = {k: env[k] for k in ("compress", "torch", "transformers", "llmcompressor", "compressed_tensors")}
     output = Path(recipe.output)
+    config = load_config(source)
+    keys = {v.name: cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
+            for v in recipe.variants}
+    needs = check_resources(recipe, source, config, dtype, output, keys)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_staging(output)
 
+    # transformers runs no code shipped with a model unless trust_remote_code=True, which compress never passes
     source_info = {"kind": source.kind, "description": source.description, "path": source.path,
-                   "note": source.note}
+                   "note": source.note, "trust_remote_code": False}
     records: dict[str, dict] = {}
     windows: dict[tuple, list[list[int]]] = {}  # (samples, seq_len) -> token windows, tokenized once per run
     failed = 0
@@ -229,7 +272,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     for v in bar:
         bar.set_postfix_str(v.name)
         dest = output / v.name
-        key = cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
+        key = keys[v.name]
         manifest = checkpoint.verify(dest, key)
         if manifest is not None and manifest.get("record", {}).get("status") == "ok":
             log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
@@ -242,13 +285,16 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
                 raise
             except Exception as e:
                 failed += 1
-                log.error("variant %s FAILED: %s\n%s", v.name, e, traceback.format_exc())
+                error = resources.one_line(e, dest, needs.get(v.name))
+                log.error("variant %s FAILED: %s", v.name, error)
+                log.debug("variant %s traceback:\n%s", v.name, traceback.format_exc())
                 records[v.name] = {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed",
-                                   "error": f"{type(e).__name__}: {e}", "checkpoint": None, "environment": env}
+                                   "error": error, "checkpoint": None, "environment": env}
+            release_freed_memory()  # each variant's peak starts from a clean heap, not the last one's high-water mark
         results = {"recipe": str(recipe_path), "model": source_info, "environment": env,
                    "variants": list(records.values())}
-        checkpoint.write_json_atomic(output / RESULTS, results)
-    add_kv_memory(recipe, records, load_config(source))
+        ownership.write_owned(output, RESULTS, json.dumps(results, indent=2) + "\n")
+    add_kv_memory(recipe, records, config)
     if recipe.evaluation.enabled:
         try:
             results.update(evaluate.evaluate_run(recipe, output, records, device, dtype))
@@ -256,19 +302,59 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
             raise
         except Exception as e:
             failed += 1
-            log.error("evaluation FAILED: %s\n%s", e, traceback.format_exc())
-            results["evaluation_error"] = f"{type(e).__name__}: {e}"
+            error = resources.one_line(e, output / "eval")
+            log.error("evaluation FAILED: %s", error)
+            log.debug("evaluation traceback:\n%s", traceback.format_exc())
+            results["evaluation_error"] = error
         for record in records.values():  # the model cards gain the figures just measured
             folder = Path(record["checkpoint"] or "")
             if record["status"] == "ok" and {"perplexity", "tasks", "throughput"} & set(record):
                 record["size_bytes"] = checkpoint.refresh_card(folder, model_card(record, source_info, folder))
-        checkpoint.write_json_atomic(output / RESULTS, results)
+        ownership.write_owned(output, RESULTS, json.dumps(results, indent=2) + "\n")
     from compress.report import write_report
 
     paths = write_report(results, output)
     log.info("stage done: %d variants, %d failed; results in %s, report in %s", len(records), failed,
              output / RESULTS, paths["md"])
     return 1 if failed else 0
+
+
+def check_resources(recipe: Recipe, source: Source, config, dtype, output: Path, keys: dict[str, str]) -> dict:
+    """Refuse (exit 2, with the numbers) a run whose variants still to build cannot fit on the disks they write to,
+    or whose peak memory exceeds what is available. Returns each variant's estimated bytes written."""
+    import torch
+
+    from compress import resources
+
+    dtype_bytes = torch.tensor([], dtype=dtype).element_size()
+    tokenizer_bytes = sum(p.stat().st_size for p in Path(source.path).glob("*")
+                          if p.is_file() and p.name in TOKENIZER_FILES) if Path(source.path).is_dir() else 0
+    needs = {v.name: resources.variant_write_bytes(v, config, dtype_bytes, tokenizer_bytes) for v in recipe.variants}
+    to_build = [v for v in recipe.variants if _manifest_key(output / v.name) != keys[v.name]]
+    items = {output: [(v.name, needs[v.name]) for v in to_build]}
+    students = {json.dumps(v.distill.model_dump(), sort_keys=True) for v in to_build if v.distill}
+    if students:
+        items[output].append((f"{len(students)} distilled student(s)",
+                              len(students) * resources.student_write_bytes(config, dtype_bytes)))
+    offload = recipe.model.offload
+    if offload and to_build:
+        folder = Path(offload.folder) if offload.folder else output
+        items.setdefault(folder, []).append(("offloaded weights", int(resources.params(config) * dtype_bytes)))
+    resources.check_disk(items)
+    if to_build:
+        peak = resources.check_memory(config, dtype_bytes, str(dtype).removeprefix("torch."),
+                                      offload.max_cpu_memory_gb if offload else None)
+        log.info("stage resources: %d variant(s) to build write about %.3g GB to %s; expected peak memory %.3g GB",
+                 len(to_build), sum(needs[v.name] for v in to_build) / 1e9, output, peak / 1e9)
+    return needs
+
+
+def _manifest_key(folder: Path) -> str | None:
+    """The cache key a checkpoint folder's manifest names (no hashing: the cheap test of "already built")."""
+    try:
+        return json.loads((folder / checkpoint.MANIFEST).read_text()).get("cache_key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def add_kv_memory(recipe: Recipe, records: dict[str, dict], config) -> None:
@@ -290,16 +376,34 @@ def add_kv_memory(recipe: Recipe, records: dict[str, dict], config) -> None:
 
 def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict, device: str, dtype, env: dict,
                   key: str, dest: Path, windows: dict) -> dict:
+    if v.method == "gguf":
+        return build_gguf_variant(recipe, v, source, source_info, device, dtype, env, key, dest, windows)
+    offload = recipe.model.offload
+    offload_dir = None
+    try:
+        if offload:  # a staging folder of this variant (in offload.folder or the output), never the folder itself
+            parent = Path(offload.folder).expanduser() if offload.folder else dest.parent
+            checkpoint.remove_stale_staging(parent)
+            offload_dir = checkpoint.new_staging_dir(parent, f"offload-{v.name}")
+        return _build_variant(recipe, v, source, source_info, device, dtype, env, key, dest, windows, offload_dir)
+    finally:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+        if v.uses_llmcompressor:  # also when the variant failed: its model must not live on into the next one
+            from compress.quantize import release_session
+
+            release_session()
+
+
+def _build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict, device: str, dtype, env: dict,
+                   key: str, dest: Path, windows: dict, offload_dir: Path | None) -> dict:
     import torch
 
     from compress.environment import peak_memory_bytes, reset_peak_memory
 
-    if v.method == "gguf":
-        return build_gguf_variant(recipe, v, source, source_info, device, dtype, env, key, dest, windows)
     output = dest.parent
     reset_peak_memory(device)
     offload = recipe.model.offload
-    offload_dir = Path(offload.folder) if offload and offload.folder else output / ".offload"
     if v.method in BNB_METHODS and not v.distill:  # bitsandbytes quantizes while transformers loads the folder
         from transformers import AutoTokenizer
 
@@ -347,6 +451,10 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         else:
             reference = checkpoint.reference_logits(model, tok, prompts)
             checkpoint.save_model(model, tok, staging, quantized=uses_llmcompressor)
+            if uses_llmcompressor:
+                from compress.quantize import release_session
+
+                release_session()
         del model
         log.info("stage self-check: reloading %s from disk", v.name)
         reload = None
@@ -382,8 +490,6 @@ def build_variant(recipe: Recipe, v: Variant, source: Source, source_info: dict,
         checkpoint.finalize(staging, dest, key, record)  # sets record["size_bytes"]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if offload and not offload.folder:
-            shutil.rmtree(offload_dir, ignore_errors=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.scheme,

@@ -146,6 +146,15 @@ def compress_model(model, variant: Variant, windows: list[list[int]] | None, pip
         )
 
 
+def release_session() -> None:
+    """Drop llm-compressor's global session, whose state holds the last model it compressed (and its hooks): without
+    this the quantized model of one variant stays alive while the next variant is loaded, one extra model at every
+    variant's peak. Called after the checkpoint is saved (saving writes the session's recipe.yaml)."""
+    from llmcompressor.core import active_session
+
+    active_session().reset()
+
+
 @contextlib.contextmanager
 def _no_pinning_without_accelerator():
     """llm-compressor 0.14's AWQ pins its cached activations in page-locked memory to speed up host-to-GPU copies;

@@ -52,6 +52,10 @@ GGUF_TYPE_BITS: dict[str, int] = {
 GGUF_UNQUANTIZED = ("F32", "F16", "BF16")
 
 
+# what compress writes beside the checkpoint folders in an output folder: a variant may not be named like them
+RESERVED_NAMES = frozenset({"eval", "results.json", "report.md", "report.html", "results.csv"})
+
+
 class InputError(Exception):
     """Bad user input (recipe, file, model source). The CLI prints it and exits with code 2."""
 
@@ -227,6 +231,14 @@ class Variant(_Strict):
     # data (llama-imatrix's statistic: the mean squared activation of each input column of each weight)
     gguf_type: str | None = None
     imatrix: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is a name compress uses in the output folder; choose another variant name "
+                             f"(reserved: {sorted(RESERVED_NAMES)})")
+        return name
 
     @model_validator(mode="after")
     def _method_rules(self) -> "Variant":

@@ -24,10 +24,10 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
+from compress import ownership
 from compress.recipe import InputError
 
 RESULTS = "results.json"  # the name pipeline.py writes; repeated here so the report needs no torch import
@@ -314,6 +314,11 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
     def model_lines(run: dict) -> list[str]:
         model = run.get("model") or {}
         lines = [f"recipe `{_v(run.get('recipe'))}`; model {_v(model.get('description'))} (`{_v(model.get('path'))}`)"]
+        if "trust_remote_code" in model:  # recorded since the reliability work; older runs did not say
+            lines.append("trust_remote_code: ON: the model's own Python code from its folder or hub repo was run"
+                         if model["trust_remote_code"] else
+                         "trust_remote_code: off (no code shipped with the model was run; transformers' own "
+                         "implementation of its architecture was used)")
         return lines + ([f"NOTE: {model['note']}"] if model.get("note") else [])
 
     lines = _per_run(runs, model_lines)
@@ -1005,22 +1010,20 @@ def _table_html(heading: str, table_id: str, table) -> list[str]:
             f"<tbody>{body}</tbody></table></div>", f'<p class="note">{_html_inline(caption)}</p>']
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     """Write report.md, results.csv and report.html into out_dir (each via a temp file and os.replace, so a
-    reader never sees half a file). Returns {"md", "csv", "html"} -> path."""
+    reader never sees half a file; none of them over a file compress did not write: compress/ownership.py).
+    Returns {"md", "csv", "html"} -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = variant_rows(results)
     paths = {"md": out_dir / "report.md", "csv": out_dir / "results.csv", "html": out_dir / "report.html"}
-    _write_atomic(paths["md"], render_markdown(results, rows))
-    _write_atomic(paths["csv"], render_csv(rows))
-    _write_atomic(paths["html"], render_html(results, rows))
+    texts = {"md": render_markdown(results, rows), "csv": render_csv(rows), "html": render_html(results, rows)}
+    foreign = ownership.check_files(out_dir, [p.name for p in paths.values()])
+    if foreign:  # all three or none: a report is never half replaced
+        raise ownership.ForeignPathError("\n".join(foreign))
+    for kind, path in paths.items():
+        ownership.write_owned(out_dir, path.name, texts[kind])
     return paths
 
 

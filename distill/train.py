@@ -73,6 +73,26 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _load_state(path: Path, device: str) -> dict | None:
+    """The resume state, loaded with `weights_only=True`: tensors, numbers, strings and containers only, so a file
+    planted in the output folder cannot run code (a full unpickle can). A state that does not load (truncated by a
+    kill during an older, non-atomic save; or not ours) is renamed aside (unreadable-<time>-train-state.pt), never deleted, and
+    training starts again from step 0."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        aside = path.with_name(f"unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{path.name}")
+        os.replace(path, aside)
+        import logging
+
+        logging.getLogger("compress").warning("distill: %s does not load as a training state (%s: %s); moved it to "
+                                              "%s and training from step 0", path, type(e).__name__,
+                                              str(e).splitlines()[0][:200], aside.name)
+        return None
+
+
 def train(student, teacher, windows: list[list[int]], cfg: Distill, state_dir: Path, *, device: str = "cpu",
           stop_after: int | None = None, checkpoints: bool = True) -> list[dict]:
     """Distill `teacher` into `student` for cfg.steps optimizer steps on `windows`; returns the per-step history.
@@ -89,8 +109,8 @@ def train(student, teacher, windows: list[list[int]], cfg: Distill, state_dir: P
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, warmup, cfg.min_lr_ratio))
     history: list[dict] = []
     start = 0
-    if path.is_file():
-        state = torch.load(path, map_location=device, weights_only=False)
+    state = _load_state(path, device)
+    if state is not None:
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_sessionstart(session):
+    """In CI every backend is tested: a missing optional backend fails the run instead of skipping its tests."""
+    if not os.environ.get("CI"):
+        return
+    missing = [m for m in ("bitsandbytes", "llama_cpp") if importlib.util.find_spec(m) is None]
+    if not missing:
+        from compress.llamacpp import converter_dir
+
+        if converter_dir(fetch=False) is None:
+            missing.append("llama.cpp's converter (python -m compress.llamacpp fetch-converter)")
+    if missing:
+        raise pytest.UsageError(f"CI=true but {missing} not installed: .ci/run installs the edge extra so that "
+                                f"the bitsandbytes and llama.cpp tests run")
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -19,7 +36,8 @@ TEXT = [
 ] * 4
 
 
-def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False) -> Path:
+def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False, hidden_size: int = 64,
+                     intermediate_size: int = 128, layers: int = 2) -> Path:
     """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads) and a byte-level BPE tokenizer, saved to folder.
 
     llama_tokenizer=True gives it a Llama-2-style tokenizer instead (BPE with byte fallback, the 256 <0xXX> byte
@@ -46,7 +64,8 @@ def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)

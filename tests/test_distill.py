@@ -123,6 +123,28 @@ def test_training_lowers_the_loss_and_resume_continues_the_step_count(tmp_path):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+class _Planted:
+    """What a hostile train-state.pt could hold: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_planted_resume_state_runs_no_code_and_is_set_aside(tmp_path, monkeypatch):
+    from distill.train import STATE
+
+    monkeypatch.chdir(tmp_path)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    torch.save({"step": 3, "student": _Planted()}, state_dir / STATE)
+    teacher = _model()
+    history = train(prune_layers(teacher, [1]), teacher, _windows(4), _cfg(), state_dir)
+    assert not (tmp_path / "PWNED").exists()  # weights_only=True refused to unpickle it
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # trained from step 0
+    aside = [p.name for p in state_dir.iterdir() if p.name.startswith("unreadable-")]
+    assert len(aside) == 1 and aside[0].endswith(STATE)  # kept for the user, not deleted
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 DISTILL = {"student": {"layers": 1}, "data": None, "steps": 8, "batch": 4, "micro_batch": 2, "seq_len": 16,

@@ -185,3 +185,14 @@ def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_fi
     recipe = write_recipe(tmp_path, tiny_llama_tok_model, calib_file, variants, evaluation=evaluation)
     assert pipeline.run(load_recipe(recipe), recipe) == 0
     assert built == [] and len(measured) == 2  # llama.cpp's threads re-measure the GGUF rows only
+
+
+def test_a_foreign_converter_folder_is_never_deleted(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    monkeypatch.delenv("COMPRESS_LLAMA_CPP_DIR", raising=False)
+    folder = tmp_path / f"llama.cpp-converter-{llamacpp.version()}"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match="only ever puts a complete converter there"):
+        llamacpp.converter_dir(fetch=True)
+    assert (folder / "notes.txt").read_text() == "mine"

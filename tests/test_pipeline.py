@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from compress import checkpoint, pipeline
+from compress import checkpoint, ownership, pipeline
 from compress.recipe import load_recipe
 from conftest import write_recipe
 
@@ -46,8 +46,10 @@ def test_interrupted_run_resumes_and_second_run_is_noop(tmp_path, tiny_model, ca
     with pytest.raises(KeyboardInterrupt):
         _run(recipe)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["baseline", "results.json", "rtn"]
-    (out / ".tmp-gptq-killed").mkdir()  # what a SIGKILL mid-save leaves behind
-    (out / ".tmp-gptq-killed" / "model.safetensors").write_bytes(b"half")
+    # what a SIGKILL mid-save leaves behind: staging named for a process of this host that no longer runs
+    killed = out / f"{ownership.STAGING_PREFIX}{ownership._host_tag()}-999999999-1-gptq-dead"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     monkeypatch.setattr(checkpoint, "finalize", real_finalize)
 
     built = []

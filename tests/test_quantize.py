@@ -149,8 +149,11 @@ def test_offloaded_model_compresses_like_in_memory(tmp_path, tiny_model, calib_f
         (tmp_path / mode).mkdir()
         recipe_path = write_recipe(tmp_path / mode, tiny_model, calib_file, variants)
         recipe = yaml.safe_load(recipe_path.read_text())
-        if mode == "offload":
-            recipe["model"]["offload"] = {"max_cpu_memory_gb": weights_bytes / 4 / 1e9}  # a quarter of the model
+        if mode == "offload":  # a quarter of the model in memory, the rest in a folder that holds a user's file
+            (tmp_path / "scratch").mkdir()
+            (tmp_path / "scratch" / "notes.txt").write_text("mine")
+            recipe["model"]["offload"] = {"max_cpu_memory_gb": weights_bytes / 4 / 1e9,
+                                          "folder": str(tmp_path / "scratch")}
         recipe_path.write_text(yaml.safe_dump(recipe))
         assert pipeline.run(load_recipe(recipe_path), recipe_path) == 0
         record = json.loads((tmp_path / mode / "run" / "results.json").read_text())["variants"][1]
@@ -158,5 +161,7 @@ def test_offloaded_model_compresses_like_in_memory(tmp_path, tiny_model, calib_f
         folders[mode] = Path(record["checkpoint"])
     assert len(disk_modules) > 5, disk_modules  # most Linears really were on disk
     assert record["offload"]["max_cpu_memory_gb"] > 0
-    assert not (tmp_path / "offload" / "run" / ".offload").exists()  # the offload folder is cleaned up
+    # compress offloaded into a staging folder of its own inside the given folder and deleted only that
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "scratch" / "notes.txt").read_text() == "mine"
     assert torch.allclose(_logits(folders["memory"]), _logits(folders["offload"]), atol=1e-5)

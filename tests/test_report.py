@@ -43,7 +43,9 @@ def _header(md: str) -> list[str]:
 
 def test_writes_three_files_atomically(report, tmp_path):
     assert set(report) == {"md", "csv", "html"}
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "results.csv", "report.html"}
+    # the three files, and the ledger that records compress wrote them (compress/ownership.py)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.md", "results.csv", "report.html",
+                                                              ".compress-files.json"}
 
 
 def test_markdown_table(report):
