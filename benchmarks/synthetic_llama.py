@@ -54,16 +54,25 @@ def build_hf(shape: str, out: Path, tokenizer_folder: Path, seed: int = 0) -> Pa
                          initializer_range=0.02)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float16).eval()
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    from compress.ownership import new_staging_dir
+
+    staging = new_staging_dir(out.parent, "synthetic-hf")  # compress's own staging name: never a user's folder
+    try:
+        _write_synthetic(model, tok, staging, shape, seed, hidden, layers, heads, kv_heads, mlp)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_synthetic(model, tok, staging: Path, shape: str, seed: int, hidden: int, layers: int, heads: int,
+                     kv_heads: int, mlp: int) -> None:
     model.save_pretrained(staging)
     tok.save_pretrained(staging)
     (staging / "SYNTHETIC.md").write_text(
         f"Random weights, N(0, 0.02), seed {seed}, in the shape '{shape}' (hidden {hidden}, {layers} layers, "
         f"{heads} heads, {kv_heads} KV heads, MLP {mlp}) with SmolLM2's tokenizer. For decode-speed measurements "
         f"only: its outputs are meaningless. Built by benchmarks/synthetic_llama.py.\n")
-    staging.rename(out)
-    return out
 
 
 def main(argv=None) -> int:
@@ -76,6 +85,7 @@ def main(argv=None) -> int:
 
     from compress import llamacpp
     from compress.load import resolve_source
+    from compress.ownership import staging_name
     from compress.recipe import EMBEDDED_MODEL, GGUF_TYPE_BITS, ModelSpec
 
     unknown = [t for t in args.types if t not in GGUF_TYPE_BITS]
@@ -90,9 +100,12 @@ def main(argv=None) -> int:
     for t in args.types:
         dest = out / f"model-{t}.gguf"
         if not dest.is_file():
-            partial = out / f"model-{t}.partial.gguf"
-            llamacpp.export(hf, partial, t, tokenizer_from=Path(source.gguf))
-            partial.rename(dest)
+            partial = out / staging_name(f"model-{t}.gguf")
+            try:
+                llamacpp.export(hf, partial, t, tokenizer_from=Path(source.gguf))
+                partial.rename(dest)
+            finally:
+                partial.unlink(missing_ok=True)
         files[t] = str(dest)
     print(json.dumps({"shape": args.shape, "hf": str(hf), "gguf": files}, indent=2))
     return 0

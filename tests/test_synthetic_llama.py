@@ -30,7 +30,7 @@ def test_build_hf_shape_tokenizer_and_reuse(synthetic, tiny_model, tmp_path):
             cfg["intermediate_size"]) == (32, 3, 4, 2, 96)
     assert cfg["vocab_size"] == json.loads((tiny_model / "config.json").read_text())["vocab_size"]
     assert cfg["tie_word_embeddings"] is True and "speed" in (out / "SYNTHETIC.md").read_text()
-    assert not (tmp_path / "hf.partial").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging left beside it
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     std = model.model.layers[0].mlp.up_proj.weight.std().item()
