@@ -210,7 +210,8 @@ def _owned(path: Path, rel: str, files: dict) -> bool:
 
 
 def foreign_file_message(path: Path) -> str:
-    return f"{path} is in the way: compress did not write it (its ledger {LEDGER} has no entry for it). {HOW_TO_PROCEED}"
+    return (f"{path} is in the way: compress did not write it (its ledger {LEDGER} has no entry for it). "
+            f"{HOW_TO_PROCEED}")
 
 
 def check_files(root: Path, rels: list[str]) -> list[str]:

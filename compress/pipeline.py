@@ -258,7 +258,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     config = load_config(source)
     keys = {v.name: cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
             for v in recipe.variants}
-    needs = check_resources(recipe, source, config, dtype, output, keys)
+    needs = check_resources(recipe, source, config, device, dtype, output, keys)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_staging(output)
 
@@ -319,7 +319,8 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
     return 1 if failed else 0
 
 
-def check_resources(recipe: Recipe, source: Source, config, dtype, output: Path, keys: dict[str, str]) -> dict:
+def check_resources(recipe: Recipe, source: Source, config, device: str, dtype, output: Path,
+                    keys: dict[str, str]) -> dict:
     """Refuse (exit 2, with the numbers) a run whose variants still to build cannot fit on the disks they write to,
     or whose peak memory exceeds what is available. Returns each variant's estimated bytes written."""
     import torch
@@ -341,11 +342,12 @@ def check_resources(recipe: Recipe, source: Source, config, dtype, output: Path,
         folder = Path(offload.folder) if offload.folder else output
         items.setdefault(folder, []).append(("offloaded weights", int(resources.params(config) * dtype_bytes)))
     resources.check_disk(items)
-    if to_build:
+    if to_build and device == "cpu":
         peak = resources.check_memory(config, dtype_bytes, str(dtype).removeprefix("torch."),
                                       offload.max_cpu_memory_gb if offload else None)
         log.info("stage resources: %d variant(s) to build write about %.3g GB to %s; expected peak memory %.3g GB",
                  len(to_build), sum(needs[v.name] for v in to_build) / 1e9, output, peak / 1e9)
+    # on a GPU the weights live in GPU memory, which `compress plan` sizes; host RAM holds little of them
     return needs
 
 

@@ -76,8 +76,8 @@ def _save_state(path: Path, state: dict) -> None:
 def _load_state(path: Path, device: str) -> dict | None:
     """The resume state, loaded with `weights_only=True`: tensors, numbers, strings and containers only, so a file
     planted in the output folder cannot run code (a full unpickle can). A state that does not load (truncated by a
-    kill during an older, non-atomic save; or not ours) is renamed aside (unreadable-<time>-train-state.pt), never deleted, and
-    training starts again from step 0."""
+    kill during an older, non-atomic save; or not ours) is renamed aside (unreadable-<time>-train-state.pt), never
+    deleted, and training starts again from step 0."""
     if not path.is_file():
         return None
     try:
