@@ -58,21 +58,16 @@ def build_hf(shape: str, out: Path, tokenizer_folder: Path, seed: int = 0) -> Pa
 
     staging = new_staging_dir(out.parent, "synthetic-hf")  # compress's own staging name: never a user's folder
     try:
-        _write_synthetic(model, tok, staging, shape, seed, hidden, layers, heads, kv_heads, mlp)
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        (staging / "SYNTHETIC.md").write_text(
+            f"Random weights, N(0, 0.02), seed {seed}, in the shape '{shape}' (hidden {hidden}, {layers} layers, "
+            f"{heads} heads, {kv_heads} KV heads, MLP {mlp}) with SmolLM2's tokenizer. For decode-speed measurements "
+            f"only: its outputs are meaningless. Built by benchmarks/synthetic_llama.py.\n")
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _write_synthetic(model, tok, staging: Path, shape: str, seed: int, hidden: int, layers: int, heads: int,
-                     kv_heads: int, mlp: int) -> None:
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    (staging / "SYNTHETIC.md").write_text(
-        f"Random weights, N(0, 0.02), seed {seed}, in the shape '{shape}' (hidden {hidden}, {layers} layers, "
-        f"{heads} heads, {kv_heads} KV heads, MLP {mlp}) with SmolLM2's tokenizer. For decode-speed measurements "
-        f"only: its outputs are meaningless. Built by benchmarks/synthetic_llama.py.\n")
 
 
 def main(argv=None) -> int:

@@ -144,10 +144,11 @@ def _dequantize_gguf(gguf: Path, folder: Path) -> None:
     from compress import gguf_file, resources
 
     need = int(gguf_file.summarize(gguf)["params"] * 4 * resources.MARGIN)  # saved as fp32
-    if need > resources.free_bytes(folder.parent):
-        raise InputError(f"model.source: not enough disk space to dequantize {gguf.name} into {folder}: it needs "
-                         f"about {need / 1e9:.3g} GB and the filesystem has "
-                         f"{resources.free_bytes(folder.parent) / 1e9:.3g} GB free; free space or set COMPRESS_CACHE")
+    try:
+        resources.check_disk({folder.parent: [(f"{gguf.name} dequantized to fp32", need)]},
+                             where_else="set COMPRESS_CACHE to another filesystem")
+    except InputError as e:
+        raise InputError(f"model.source: {e}") from None
     log.info("dequantizing %s into %s (once)", gguf.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))

@@ -32,12 +32,17 @@ RUNTIME_BYTES = 0.5 * GB  # torch, transformers, llm-compressor and lm-eval resi
 PEAK_WEIGHT_COPIES = 3.0
 
 
-def free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that holds `path` (or would hold it: its nearest existing ancestor)."""
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing ancestor: where a file not yet written would land."""
     p = Path(path).expanduser().resolve()
     while not p.exists():
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would hold it)."""
+    return shutil.disk_usage(_existing(path)).free
 
 
 def available_memory_bytes() -> int | None:
@@ -80,15 +85,13 @@ def student_write_bytes(config, dtype_bytes: int) -> int:
     return int(params(config) * dtype_bytes * 7 * MARGIN)
 
 
-def check_disk(needs: dict[Path, list[tuple[str, int]]]) -> None:
+def check_disk(needs: dict[Path, list[tuple[str, int]]], where_else: str = "point `output:` at another "
+                                                                          "filesystem") -> None:
     """`needs`: folder -> [(what, bytes)] to be written there. Raise InputError naming each filesystem that lacks
-    the space, with the need per item and the free space."""
+    the space, with the need per item and the free space; `where_else` says where the user could write instead."""
     by_fs: dict[int, tuple[Path, list[tuple[str, int]]]] = {}
     for folder, items in needs.items():
-        p = Path(folder).expanduser().resolve()
-        while not p.exists():
-            p = p.parent
-        dev = os.stat(p).st_dev
+        dev = os.stat(_existing(folder)).st_dev
         by_fs.setdefault(dev, (Path(folder), []))[1].extend(items)
     errors = []
     for folder, items in by_fs.values():
@@ -97,8 +100,8 @@ def check_disk(needs: dict[Path, list[tuple[str, int]]]) -> None:
             parts = ", ".join(f"{what} {b / GB:.3g} GB" for what, b in items[:8])
             more = f" and {len(items) - 8} more" if len(items) > 8 else ""
             errors.append(f"{folder}: not enough disk space: this run writes about {total / GB:.3g} GB there "
-                          f"({parts}{more}) and the filesystem has {have / GB:.3g} GB free; free some space or point "
-                          f"`output:` at another filesystem")
+                          f"({parts}{more}) and the filesystem has {have / GB:.3g} GB free; free some space or "
+                          f"{where_else}")
     if errors:
         raise InputError("\n".join(errors))
 
@@ -115,8 +118,9 @@ def check_memory(config, dtype_bytes: int, dtype_name: str, offload_gb: float | 
         weights = params(config) * dtype_bytes
         raise InputError(f"model: not enough memory: the model's weights are {weights / GB:.3g} GB in {dtype_name}, "
                          f"a run holds about {need / GB:.3g} GB at its peak ({PEAK_WEIGHT_COPIES:g} copies of the "
-                         f"weights plus {RUNTIME_BYTES / GB:.3g} GB of libraries) and {have / GB:.3g} GB is available; set "
-                         f"model.offload: {{max_cpu_memory_gb: N}}, model.dtype: bfloat16, or use a larger machine")
+                         f"weights plus {RUNTIME_BYTES / GB:.3g} GB of libraries) and {have / GB:.3g} GB is "
+                         f"available; set model.offload: {{max_cpu_memory_gb: N}}, model.dtype: bfloat16, or use a "
+                         f"larger machine")
     return need
 
 
@@ -149,7 +153,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def one_line(e: BaseException, where: Path, need_bytes: int | None = None) -> str:
     """The sentence a user sees for an exception: disk full and out of memory are named with the file or folder,
-    the need and what is left; anything else is its type and first line."""
+    the need and what is left; anything else is its type and its message on one line."""
     need = f"; it needs about {need_bytes / GB:.3g} GB" if need_bytes else ""
     if is_disk_full(e):
         path = next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
