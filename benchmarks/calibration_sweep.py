@@ -3,7 +3,8 @@
     python benchmarks/calibration_sweep.py                       # the default grid
     python benchmarks/calibration_sweep.py --method awq --sources c4 wikitext --shapes 16x256 64x256
 
-For each (source, samples x seq_len), quantize a fresh copy of the model through `compress.quantize.compress_model`,
+For each (source, samples x seq_len), quantize a fresh copy of the model through
+`compress.backends.llmcompressor.compress_model`,
 time it, and score it on WikiText-2 *test* windows (perplexity, and KL to the unquantized model on the same tokens).
 RTN (no calibration) is the reference every calibrated point must beat. Sources, none of them an evaluation split:
 
@@ -70,9 +71,9 @@ def main(argv=None) -> int:
 
     from compress.calibration import pack_token_windows
     from compress.load import resolve_source
-    from compress.perplexity import evaluate_tokens
-    from compress.quantize import compress_model
-    from compress.recipe import ModelSpec, Variant
+    from eval.perplexity import evaluate_tokens
+    from compress.backends.llmcompressor import compress_model
+    from compress.recipe import ModelSpec, parse_variant
 
     source = resolve_source(ModelSpec(), prepare=True)
     tok = AutoTokenizer.from_pretrained(source.path)
@@ -89,13 +90,13 @@ def main(argv=None) -> int:
         return {"perplexity": r["value"], "kl": r["kl"]["mean"], "kl_stderr": r["kl"]["stderr"],
                 "top1": r["kl"]["top1_agreement"]}
 
-    variant = Variant(name=args.method, method=args.method, bits=4, group_size=64)
+    variant = parse_variant(dict(name=args.method, method=args.method, bits=4, group_size=64))
     points = []
     if not args.no_rtn:  # plain rounding of the same format (AWQ's has zero points) is the bar to beat
         model = fresh()
         t0 = time.perf_counter()
-        compress_model(model, Variant(name="rtn", method="rtn", bits=4, group_size=64, symmetric=variant.symmetric),
-                       None)
+        rtn = parse_variant(dict(name="rtn", method="rtn", bits=4, group_size=64, symmetric=variant.symmetric))
+        compress_model(model, rtn, None)
         points.append({"source": None, "samples": 0, "seq_len": 0, "method": "rtn", "pipeline": "datafree",
                        "symmetric": variant.symmetric, "seconds": time.perf_counter() - t0, **score(model)})
         print(f"rtn: ppl {points[-1]['perplexity']:.2f} KL {points[-1]['kl']:.4f}", file=sys.stderr)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
               f"{pt['samples'] * pt['seq_len']:,} | {pt['seconds']:.1f} | {pt['perplexity']:.2f} | "
               f"{pt['kl']:.4f} ± {pt['kl_stderr']:.4f} | {100 * pt['top1']:.1f} | {beats} |")
     print(f"\nbaseline perplexity {base['value']:.2f}; scored on {base['tokens']:,} tokens ({args.ppl_windows} x 512) "
-          f"of wikitext2_raw_wiki.test.raw; fp32 CPU, llm-compressor via compress.quantize")
+          f"of wikitext2_raw_wiki.test.raw; fp32 CPU, llm-compressor via compress.backends.llmcompressor")
     print(json.dumps({"environment": environment("cpu", torch.float32), "baseline_perplexity": base["value"],
                       "points": points}))
     return 0

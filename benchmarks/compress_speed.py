@@ -8,7 +8,7 @@ For each method, in one run on the embedded SmolLM2-135M (fp32, CPU):
 - floor:   one no-grad forward pass of the model over the calibration windows, one window at a time as the
            calibration pipelines feed them. Every calibrated method has to see every calibration token at least
            once, so no driver can beat this.
-- compress: `compress.quantize.compress_model` (the pipeline it picks, its CPU thread settings).
+- compress: `compress.backends.llmcompressor.compress_model` (the pipeline it picks, its CPU thread settings).
 - direct:  llm-compressor's `oneshot` as its docs show it: the same modifiers and token windows, the library's
            default pipeline and torch's default threads. On a CPU-only torch, AWQ needs compress's pin_memory
            workaround to run at all; it is applied here too and the JSON says so.
@@ -64,7 +64,7 @@ def worker(job: dict) -> dict:
 
     from compress.environment import peak_memory_bytes, reset_peak_memory
     from compress.load import resolve_source
-    from compress.recipe import ModelSpec, Variant
+    from compress.recipe import ModelSpec, parse_variant
 
     source = resolve_source(ModelSpec(), prepare=True)
     tok = AutoTokenizer.from_pretrained(source.path)
@@ -78,16 +78,16 @@ def worker(job: dict) -> dict:
             for w in windows:
                 model(torch.tensor([w]), use_cache=False)
     elif job["kind"] == "compress":
-        from compress.quantize import compress_model
+        from compress.backends.llmcompressor import compress_model
 
-        compress_model(model, Variant(**METHODS[job["method"]]), windows)
+        compress_model(model, parse_variant(METHODS[job["method"]]), windows)
     else:
-        out["workarounds"] = _direct(model, Variant(**METHODS[job["method"]]), windows)
+        out["workarounds"] = _direct(model, parse_variant(METHODS[job["method"]]), windows)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_bytes"], _ = peak_memory_bytes("cpu")
     out["load1_end"] = os.getloadavg()[0]
     if job["kind"] != "floor" and job["ppl_windows"]:
-        from compress.perplexity import evaluate_tokens
+        from eval.perplexity import evaluate_tokens
 
         ids = tok(PPL_FILE.read_text(), return_tensors="pt").input_ids[0]
         out["perplexity"] = evaluate_tokens(model, ids, context=512, stride=512, max_windows=job["ppl_windows"])
@@ -99,7 +99,9 @@ def _direct(model, variant, windows) -> list[str]:
     num_calibration_samples), default pipeline."""
     from datasets import Dataset
 
-    from compress.quantize import _no_pinning_without_accelerator, build_modifiers, oneshot
+    from compress.backends.llmcompressor import _lib, _no_pinning_without_accelerator, build_modifiers
+
+    oneshot = _lib()[0].oneshot  # llm-compressor's own entry point, imported where compress imports it
 
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
     workarounds = []

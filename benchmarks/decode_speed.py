@@ -44,11 +44,11 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
-    from compress.throughput import measure_bandwidth
+    from eval.throughput import measure_bandwidth
 
     size = args.bandwidth_mib * MiB if args.bandwidth_mib else None
     bw = measure_bandwidth(size, device=args.device)
-    from compress.throughput import benchmark_checkpoint_in_subprocess
+    from eval.engines.transformers import benchmark_checkpoint_in_subprocess
 
     results = []
     for folder in args.folders:

@@ -64,9 +64,10 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     configure_cpu()
-    from compress import llamacpp
+    from eval.engines import llamacpp
     from compress.environment import _cpu_model
-    from compress.throughput import benchmark_checkpoint_in_subprocess, measure_bandwidth
+    from eval.engines.transformers import benchmark_checkpoint_in_subprocess
+    from eval.throughput import measure_bandwidth
 
     files = [(f.stem, f, _bits_from_name(f)) for f in args.files] or _gguf_files(args.run)
     if not files:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     threads = args.threads or list(range(1, available_cores() + 1))
     shape = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats}
 
-    from compress.throughput import bracketed, rebound
+    from eval.throughput import bracketed, rebound
 
     probes = [measure_bandwidth(device="cpu")]
 

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 from compress.checkpoint import sha256_file
-from compress.recipe import Calibration, InputError
+from compress.options import Calibration, InputError
 
 
 def check_source(cal: Calibration) -> None:

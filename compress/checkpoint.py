@@ -90,6 +90,14 @@ def weights_size_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
+def manifest_key(folder: Path) -> str | None:
+    """The cache key a checkpoint folder's manifest names (no hashing: the cheap test of "already built")."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("cache_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def verify(dest: Path, cache_key: str) -> dict | None:
     """The manifest if `dest` is a complete checkpoint for `cache_key` whose files are intact, else None."""
     try:
@@ -134,3 +142,20 @@ def selfcheck(folder: Path, prompts: list[str], reference: list, device: str, dt
     got = reference_logits(model, tokenizer, prompts)
     del model
     return max(float((a - b).abs().max()) for a, b in zip(got, reference, strict=True))
+
+
+def kl_per_token(ref_logp, other_logp):
+    """KL(P_ref || P_other) at each position, from log-probabilities [positions, vocab]: the divergence every KL
+    figure of compress is (perplexity's KL to the baseline, the GGUF self-check's engine agreement)."""
+    return (ref_logp.exp() * (ref_logp - other_logp)).sum(-1)
+
+
+def divergence(reference: list, other: list) -> dict:
+    """Mean KL(P_reference || P_other) over every position of every prompt, top-1 agreement, max |logit diff|."""
+    import torch
+
+    ref = torch.cat(reference).double().log_softmax(-1)
+    oth = torch.cat(other).double().log_softmax(-1)
+    kl = kl_per_token(ref, oth)
+    return {"kl_mean": float(kl.mean()), "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).double().mean()),
+            "max_abs_diff": float((torch.cat(reference) - torch.cat(other)).abs().max()), "positions": len(kl)}

@@ -58,17 +58,19 @@ def _main(args) -> int:
         return main_report(args.runs, args.out)
     try:
         recipe = load_recipe(args.recipe)
-        from compress import pipeline
-
         if args.command == "plan" or args.dry_run:
-            plan = pipeline.plan(recipe, args.recipe, measure_distill=args.command == "run")
+            from compress.plan import plan as make_plan
+
+            plan = make_plan(recipe, args.recipe, measure_distill=args.command == "run")
             print(plan.pop("memory_plan_table"), file=sys.stderr)  # the human table; JSON last on stdout
             for names, e in (plan.get("distill_estimates") or {}).items():
                 print(f"distillation ({names}): {e['step_seconds']:.2f} s per step measured on {e['device']}, "
                       f"about {e['estimated_train_seconds'] / 60:.1f} min for {e['steps']} steps", file=sys.stderr)
             print(json.dumps(plan, indent=2))
             return 0
-        return pipeline.run(recipe, args.recipe)
+        from compress.run import run
+
+        return run(recipe, args.recipe)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -129,3 +129,13 @@ def peak_memory_bytes(device: str) -> tuple[int | None, str]:
 
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
     return proc_status_bytes("VmHWM"), "rss"
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, from its metadata (nothing is imported), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

@@ -68,7 +68,10 @@ def summarize(path: Path) -> dict:
 
 def kv_bytes(summary: dict, context_tokens: int, dtype_bytes: int = 2) -> int:
     """Bytes of the K and V cache at `context_tokens` for one sequence: llama.cpp keeps it in F16 by default."""
-    return 2 * summary["n_layers"] * summary["n_kv_heads"] * summary["head_dim"] * context_tokens * dtype_bytes
+    from compress.planner import kv_cache_bytes
+
+    return int(kv_cache_bytes(summary["n_layers"], summary["n_kv_heads"], summary["head_dim"], context_tokens,
+                              dtype_bytes * 8))
 
 
 def types_text(summary: dict) -> str:

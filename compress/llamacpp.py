@@ -1,4 +1,4 @@
-"""llama.cpp, through llama-cpp-python: GGUF export, logits, and the decode benchmark. The only module that imports
+"""llama.cpp, through llama-cpp-python: GGUF export, loading and logits. The only module that imports
 llama_cpp (an optional extra, `pip install -e '.[edge]'`, built from source: ~11 minutes on 2 cores).
 
 Why llama.cpp: on a CPU, transformers runs any quantized checkpoint by decompressing it to fp32, so decode reads
@@ -10,11 +10,11 @@ Export uses llama.cpp's own tools, so the file is what llama.cpp, Ollama and LM 
 1. `convert_hf_to_gguf.py` (the converter llama.cpp ships; fetched once from the llama-cpp-python sdist of the
    installed version, see `converter_dir`) turns the HF folder into an F16 (or F32/BF16) GGUF file;
 2. `llama_model_quantize` (llama.cpp's quantizer, through its C API) turns that into the requested file type,
-   optionally weighting each rounding error by an importance matrix (compress/imatrix.py).
+   optionally weighting each rounding error by an importance matrix (compress/backends/imatrix.py).
 
-Measurement: `window_logits` gives llama.cpp's logits for a token window (perplexity and KL on the very tokens the
-other rows are scored on), and `decode_benchmark` times greedy decode of exactly `new_tokens` tokens after a prompt
-of `prompt_tokens` tokens, as compress/throughput.py does for transformers, in a fresh process per file.
+`GGUFModel.window_logits` gives llama.cpp's logits for a token window: the GGUF backend's self-check
+(compress/backends/gguf.py) and the llama.cpp engine's perplexity and decode benchmark (eval/engines/llamacpp.py)
+both read files through here.
 """
 
 from __future__ import annotations
@@ -52,10 +52,9 @@ def require():
 
 
 def version() -> str | None:
-    try:
-        return require().__version__
-    except ImportError:
-        return None
+    from compress.environment import installed_version
+
+    return installed_version("llama-cpp-python")
 
 
 def ftype(gguf_type: str) -> int:
@@ -151,7 +150,7 @@ def convert(hf_folder: Path, out_file: Path, outtype: str = "F16") -> None:
 def quantize(src: Path, dst: Path, gguf_type: str, *, imatrix: dict | None = None, threads: int = 0) -> None:
     """llama.cpp's quantizer (llama_model_quantize): `src` (an F16/F32 GGUF) -> `dst` of file type `gguf_type`.
 
-    `imatrix` maps GGUF tensor names to float32 arrays of the tensor's input width (compress.imatrix); llama.cpp
+    `imatrix` maps GGUF tensor names to float32 arrays of the tensor's input width (compress/backends/imatrix.py); llama.cpp
     then minimises sum_j imatrix[j] * (w_j - q_j)^2 per block instead of the plain squared error. The quantizer
     chooses each tensor's type (the file type's mixture, and a fallback where a row length does not fit the block
     size); gguf_file.summarize reads back what it chose.
@@ -272,7 +271,7 @@ def load(path: Path, *, n_ctx: int, threads: int | None = None, logits_all: bool
 
 
 class GGUFModel:
-    """llama.cpp's logits for token windows, in the shape compress.perplexity reads: `window_logits(ids)` ->
+    """llama.cpp's logits for token windows, in the shape eval/perplexity.py reads: `window_logits(ids)` ->
     torch tensor [len(ids), n_vocab]. Each window starts from an empty KV cache, as a transformers forward does."""
 
     device = "cpu"
@@ -292,7 +291,8 @@ class GGUFModel:
         self.llm.close()
 
 
-def _last_logits(llm):
+def last_logits(llm):
+    """The logits of the last position llama.cpp evaluated, as a numpy view (no copy)."""
     import numpy as np
 
     llama_cpp = require()
@@ -300,120 +300,7 @@ def _last_logits(llm):
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def prompt_ids(llm, prompt_tokens: int) -> list[int]:
-    """Exactly `prompt_tokens` ids of the fixed benchmark sentence (compress.throughput.PROMPT_SENTENCE), tokenized
-    by llama.cpp itself, repeated and cut, as the transformers benchmark does with its tokenizer."""
-    from compress.throughput import PROMPT_SENTENCE
-
-    ids = llm.tokenize(PROMPT_SENTENCE.encode(), add_bos=False, special=False)
-    if not ids:
-        raise ValueError("llama.cpp's tokenizer produced no ids for the prompt sentence")
-    return (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
-
-
-def _one_run(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
-    """Greedy decode of exactly `new_tokens` tokens (no stop at EOS). Returns (ttft_s, decode_s, tokens)."""
-    import time
-
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    tok = int(_last_logits(llm).argmax())
-    t1 = time.perf_counter()
-    produced = 1
-    for _ in range(new_tokens - 1):
-        llm.eval([tok])
-        tok = int(_last_logits(llm).argmax())
-        produced += 1
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, produced
-
-
-def decode_benchmark(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, threads: int | None,
-                     bandwidth_bytes_per_sec: float) -> dict:
-    """Batch-1 decode of one GGUF file with llama.cpp: TTFT, decode tok/s (median and range of `repeats` runs after
-    one warm-up), peak RSS of this process, and the roofline with the file's tensor bytes as the bytes read per
-    token (llama.cpp reads the quantized blocks as they are) plus its F16 KV cache at the mean context.
-
-    Same accounting as compress.throughput.decode_benchmark: TTFT = prefill of the prompt and the first token;
-    tok/s = (new_tokens - 1) decode steps / their time. The output dict has the same keys, for batch "1" only.
-    """
-    import resource
-    import statistics
-
-    from compress import gguf_file
-    from compress.environment import available_cores, proc_status_bytes
-    from compress.throughput import roofline
-
-    if new_tokens < 2:
-        raise ValueError("new_tokens must be >= 2: the first token comes from prefill, the rest are decode steps")
-    llama_cpp = require()
-    threads = threads or available_cores()
-    summary = gguf_file.summarize(path)
-    llm = load(path, n_ctx=prompt_tokens + new_tokens + 8, threads=threads)
-    ids = prompt_ids(llm, prompt_tokens)
-    steps = new_tokens - 1
-    _one_run(llm, ids, new_tokens)  # warm-up: page in the mapped file, allocate the graph
-    ttfts, rates, ms_per_tok, counts = [], [], [], []
-    for _ in range(repeats):
-        ttft_s, decode_s, produced = _one_run(llm, ids, new_tokens)
-        ttfts.append(ttft_s)
-        rates.append(steps / decode_s)
-        ms_per_tok.append(decode_s / steps * 1000)
-        counts.append(produced)
-    if any(c != new_tokens for c in counts):
-        raise RuntimeError(f"decode loop produced {counts} tokens, expected {new_tokens}")
-    rss_now_bytes = proc_status_bytes("VmRSS")
-    ru_maxrss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mean_context = prompt_tokens + new_tokens // 2
-    one = {"tok_per_sec": statistics.median(rates), "tok_per_sec_min": min(rates), "tok_per_sec_max": max(rates),
-           "ttft_s": statistics.median(ttfts), "ttft_s_min": min(ttfts), "ttft_s_max": max(ttfts),
-           "ms_per_token": statistics.median(ms_per_tok), "tokens_decoded": counts[0], "decode_steps": steps}
-    kv = gguf_file.kv_bytes(summary, mean_context)
-    res = {
-        "engine": "llama.cpp",
-        "engine_version": f"llama-cpp-python {llama_cpp.__version__}",
-        "threads": threads,
-        "weight_repacking": weight_repacking(),
-        "flash_attention": FLASH_ATTENTION,
-        "cpu_features": system_info(),
-        "device": "cpu",
-        "dtype": f"GGUF, mostly {_file_type_name(summary)}",
-        "batches": {"1": one},
-        "weight_bytes_in_memory": summary["tensor_bytes"],
-        "weight_bytes_stored": summary["file_bytes"],
-        "repeats": repeats,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "kv_context_tokens": mean_context,
-        "peak_memory_bytes": proc_status_bytes("VmHWM") or ru_maxrss_bytes,
-        "memory_kind": "rss",
-        "ru_maxrss_bytes": ru_maxrss_bytes,
-        "rss_now_bytes": rss_now_bytes,
-        "roofline": {"1": roofline(summary["tensor_bytes"], kv, bandwidth_bytes_per_sec, one["tok_per_sec"],
-                                   batch=1, weight_bytes_stored=summary["file_bytes"])},
-        "folder": str(Path(path).parent),
-        "file": str(path),
-    }
-    llm.close()
-    return res
-
-
-def _file_type_name(summary: dict) -> str:
-    """The largest tensor type in the file ('Q5_0' for SmolLM2's "Q4_K_M"), which is what decode mostly reads."""
-    return next(iter(summary["types"]), "?")
-
-
-def decode_benchmark_in_subprocess(path: Path, **kwargs) -> dict:
-    """`decode_benchmark` in a fresh Python process, so its peak RSS is this file's alone."""
-    from compress.throughput import run_worker
-
-    return run_worker("compress.llamacpp", {"path": str(path), **kwargs}, f"llama.cpp throughput worker for {path}")
-
-
-if __name__ == "__main__":  # the worker of decode_benchmark_in_subprocess: JSON arguments in, JSON out
-    if sys.argv[1:] == ["fetch-converter"]:
-        print(converter_dir(fetch=True))
-        sys.exit(0)
-    args = json.loads(sys.argv[1])
-    print(json.dumps(decode_benchmark(Path(args.pop("path")), **args)))
+if __name__ == "__main__":  # `python -m compress.llamacpp fetch-converter`: what CI runs once after installing
+    if sys.argv[1:] != ["fetch-converter"]:
+        sys.exit("usage: python -m compress.llamacpp fetch-converter")
+    print(converter_dir(fetch=True))

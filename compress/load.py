@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compress.checkpoint import sha256_file
-from compress.recipe import EMBEDDED_MODEL, InputError, ModelSpec
+from compress.options import EMBEDDED_MODEL, InputError, ModelSpec
 
 log = logging.getLogger("compress")
 
@@ -262,3 +262,17 @@ def load_model(source: Source, device: str, dtype):
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device)
     model.eval()
     return model, tok
+
+
+def load_offloaded(path: str, dtype, max_cpu_bytes: int, folder: Path):
+    """The model with at most `max_cpu_bytes` of weights in RAM and the rest on disk in `folder`, in the offloading
+    llm-compressor's sequential pipeline understands (compressed-tensors' `load_offloaded_model`): each module is
+    onloaded for its forward pass and written back after quantization."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto",
+                                                     max_memory={"cpu": int(max_cpu_bytes)}, offload_folder=str(folder))
+    return model.eval()

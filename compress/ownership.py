@@ -31,7 +31,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from compress.recipe import InputError
+from compress.options import InputError
 
 log = logging.getLogger("compress")
 

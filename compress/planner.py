@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 
-from compress.throughput import kv_bytes
-
 GB = 10**9  # vendors state GPU memory in decimal GB: "80 GB" is 80e9 bytes (74.5 GiB)
 
 GPUS = (
@@ -28,11 +26,76 @@ GPUS = (
 )
 
 
-def _shape(config) -> tuple[int, int, int, int, int, int, int]:
+# bits per element of each KV-cache format (recipe `kv_cache.dtype`)
+KV_BITS = {"fp8": 8, "int8": 8, "int4": 4, "bf16": 16, "fp16": 16}
+DEFAULT_CHANNEL_GROUP = 32  # tokens per key scale in the channel (KIVI) format, KIVI's own default
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a Llama-family config: the three numbers every KV-cache size is made of.
+    head_dim is the config's own when it has one (Llama-3, Qwen), else hidden_size / attention heads."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return (config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads, kv_heads, head_dim,
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, bits: float = 16) -> float:
+    """Bytes of the KV cache: 2 (K and V) x layers x kv_heads x head_dim x tokens x bits / 8, the one formula every
+    KV figure of compress comes from (planner, roofline, llama.cpp rows, KV formats).
+
+    Grouped-query attention stores only `num_key_value_heads` heads, which is why Llama-3-8B (8 KV heads of 32) holds
+    a 8k-token sequence in 1 GiB at bf16 instead of 4 GiB.
+    """
+    return 2 * layers * kv_heads * head_dim * tokens * bits / 8
+
+
+def kv_bytes(config, seq_len: int, batch: int, dtype_bytes: int) -> int:
+    """Bytes of a plain (unquantized) KV cache of `batch` sequences of `seq_len` tokens, from the config."""
+    return int(kv_cache_bytes(*attention_shape(config), seq_len * batch, dtype_bytes * 8))
+
+
+def kv_bytes_per_token(config, kv=None) -> float:
+    """KV bytes one token adds to the cache, over all layers, scales included; `kv` is the recipe's KVCache.
+
+    per layer: 2 (K, V) x kv_heads x head_dim x bits / 8, plus for integer formats a 16-bit scale and minimum per
+    group: per token and head (token), or for keys per channel per block of tokens (channel). fp8 scales are per
+    layer, not per token. `kv=None` is the 16-bit cache an engine uses by default.
+    """
+    layers, kv_heads, head_dim = attention_shape(config)
+    total = kv_cache_bytes(layers, kv_heads, head_dim, 1, 16 if kv is None else KV_BITS[kv.dtype])
+    if kv is not None and kv.dtype in ("int8", "int4"):
+        meta = 4  # fp16 scale + fp16 minimum
+        if kv.granularity == "channel":
+            keys = kv_heads * head_dim * meta / (kv.group_size or DEFAULT_CHANNEL_GROUP)
+            values = kv_heads * meta
+        else:
+            groups = head_dim // (kv.group_size or head_dim)
+            keys = values = kv_heads * groups * meta
+        total += layers * (keys + values)
+    return total
+
+
+def kv_memory(config, kv, weight_bytes: int, context: int, batch: int, headroom: float) -> dict:
+    """What a KV format buys at serving time: bytes per token, bytes at context x batch, and per planner GPU how
+    many sequences of `context` tokens fit beside `weight_bytes` of weights, against a 16-bit cache."""
+    per_token = kv_bytes_per_token(config, kv)
+    per_token_16 = kv_bytes_per_token(config, None)
+    gpus = {}
+    for gpu, memory_bytes in GPUS:
+        free = memory_bytes * (1 - headroom) - weight_bytes
+        seqs = max(0, int(free // (per_token * context)))
+        seqs_16 = max(0, int(free // (per_token_16 * context)))
+        gpus[gpu] = {"max_sequences": seqs, "max_sequences_16bit_kv": seqs_16, "extra_sequences": seqs - seqs_16}
+    return {"format": kv.label if kv else "KV-16bit", "bytes_per_token": per_token,
+            "bytes_per_token_16bit": per_token_16, "ratio_vs_16bit": per_token_16 / per_token,
+            "context": context, "batch": batch, "bytes_at_context_batch": int(per_token * context * batch),
+            "headroom": headroom, "weight_bytes": weight_bytes, "gpus": gpus}
+
+
+def _shape(config) -> tuple[int, int, int, int, int, int, int]:
+    layers, kv_heads, head_dim = attention_shape(config)
+    return (config.hidden_size, config.intermediate_size, layers, config.num_attention_heads, kv_heads, head_dim,
             config.vocab_size)
 
 
@@ -88,13 +151,18 @@ def weight_bytes_estimate(config, bits: int, group_size: int | None, ignore_lm_h
     return int(round(total))
 
 
+def parameters(config) -> int:
+    """Parameters of a Llama-family model from its config (its bytes at 8 bits per weight)."""
+    return weight_bytes_estimate(config, 8, None, embed_bytes=1)
+
+
 def plan_rows(config, variants: list[tuple[str, int, int | None]], context: int, batch: int,
               headroom: float = 0.10, kv_dtype_bytes: int = 2,
               kv_bytes_per_token: dict[str, float] | None = None) -> list[dict]:
     """One row per (name, bits, group_size) variant: weights, KV at context x batch, their total, and per GPU
     whether it fits in memory x (1 - headroom) and how many sequences of `context` tokens fit beside the weights.
     The KV cache is `kv_dtype_bytes` per element unless `kv_bytes_per_token` gives a variant's own figure (a
-    quantized KV cache, compress.kvcache.bytes_per_token)."""
+    quantized KV cache, kv_bytes_per_token)."""
     rows = []
     for name, bits, group_size in variants:
         if kv_bytes_per_token and name in kv_bytes_per_token:

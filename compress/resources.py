@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from compress.ownership import STAGING_PREFIX
-from compress.recipe import InputError, Variant
+from compress.options import InputError, VariantBase
 
 GB = 1e9
 MARGIN = 1.10  # on every estimate: safetensors headers, config and card files, allocator slack
@@ -55,28 +55,17 @@ def available_memory_bytes() -> int | None:
 
 
 def params(config) -> int:
-    """Parameters of a Llama-family model from its config (the planner's layout, at 8 bits per weight = bytes)."""
-    from compress.planner import weight_bytes_estimate
+    """Parameters of a Llama-family model from its config."""
+    from compress.planner import parameters
 
-    return weight_bytes_estimate(config, 8, None, embed_bytes=1)
+    return parameters(config)
 
 
-def variant_write_bytes(v: Variant, config, dtype_bytes: int, tokenizer_bytes: int) -> int:
-    """Upper bound of the bytes `v` writes while it is built: its checkpoint at the target format plus what exists
-    beside it at the peak (llama.cpp's F16 intermediate for quantized GGUF types)."""
-    from compress.planner import weight_bytes_estimate
-
-    n = params(config)
-    if v.method in ("baseline", "none"):
-        weights = n * dtype_bytes
-    elif v.method == "gguf":
-        weights = n * v.bits / 8 * 1.15 + (n * 2 if v.bits < 16 else 0)  # block scales; the F16 file
-    else:
-        bits = v.bits or 16
-        group = v.group_size if v.group_size else (64 if v.method == "bnb-nf4" else None)
-        weights = weight_bytes_estimate(config, bits, group, ignore_lm_head="lm_head" in v.ignore,
-                                        embed_bytes=dtype_bytes)
-    return int(weights * MARGIN) + tokenizer_bytes
+def variant_write_bytes(v: VariantBase, config, dtype_bytes: int, tokenizer_bytes: int) -> int:
+    """Upper bound of the bytes `v` writes while it is built: its checkpoint at the target format (the backend's
+    `checkpoint_bytes`, which counts what exists beside it at the peak, e.g. llama.cpp's F16 intermediate) plus the
+    tokenizer, with a margin."""
+    return int(v.checkpoint_bytes(config, dtype_bytes) * MARGIN) + tokenizer_bytes
 
 
 def student_write_bytes(config, dtype_bytes: int) -> int:

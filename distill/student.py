@@ -1,4 +1,4 @@
-"""The glue the compress pipeline calls: the student a variant asks for, built once and cached.
+"""The student a variant asks for, built once and cached (`python -m distill` is how a compress run asks).
 
 `<output>/.students/<key>/` holds a student while it trains (train-state.pt, resumable) and, once finished, the
 student as a Hugging Face folder plus `info.json`, written last: a folder with info.json is complete. Two variants
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from compress.recipe import Calibration, Distill
+from compress.options import Calibration, Distill
 from distill.prune import block_influence, decoder_layers, layers_to_drop, prune_layers
 from distill.train import STATE, train
 
@@ -60,11 +60,10 @@ def build_student(teacher, tokenizer, cfg: Distill, folder: Path, device: str, d
     from transformers import AutoModelForCausalLM
 
     done = folder / "student"
-    if (folder / INFO).is_file() and done.is_dir():
-        log.info("stage distill: reusing the finished student in %s", folder)
-        info = json.loads((folder / INFO).read_text())
+    info = finished(folder)
+    if info is not None:
         student = AutoModelForCausalLM.from_pretrained(done, dtype=dtype, device_map=device).eval()
-        return student, {**info, "cached": True}
+        return student, info
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     importance, train_windows, facts = training_windows(cfg, tokenizer)
@@ -106,6 +105,14 @@ def build_student(teacher, tokenizer, cfg: Distill, folder: Path, device: str, d
     (folder / INFO).write_text(json.dumps(info, indent=1) + "\n")  # written last: the student is complete
     (folder / STATE).unlink(missing_ok=True)  # optimizer state is 3x the model; the finished student replaces it
     return student, {**info, "cached": False}
+
+
+def finished(folder: Path) -> dict | None:
+    """The info of a finished student in `folder` (info.json is written last), marked cached; None if unfinished."""
+    if (folder / INFO).is_file() and (folder / "student").is_dir():
+        log.info("stage distill: reusing the finished student in %s", folder)
+        return {**json.loads((folder / INFO).read_text()), "cached": True}
+    return None
 
 
 def summary(info: dict) -> dict:

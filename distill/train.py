@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.recipe import Distill
+from compress.options import Distill
 
 STATE = "train-state.pt"
 

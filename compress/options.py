@@ -1,0 +1,328 @@
+"""The options a recipe is made of, shared by every part of compress: where the model comes from, the calibration
+text, a KV-cache format, a distilled student, the evaluation settings, and the part of a variant every method has.
+
+Every model here rejects unknown keys (`extra="forbid"`): a typo such as `group_szie` must fail loudly instead of
+silently falling back to a default and producing a checkpoint the user did not ask for. Each method's own options
+live with the method, in compress/backends/; compress/recipe.py puts them together as one discriminated union on
+`method` and reads the file.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+# what compress writes beside the checkpoint folders in an output folder: a variant may not be named like them
+RESERVED_NAMES = frozenset({"eval", "results.json", "report.md", "report.html", "results.csv"})
+
+
+class InputError(Exception):
+    """Bad user input (recipe, file, model source). The CLI prints it and exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Offload(_Strict):
+    """Compress a model bigger than memory: at most `max_cpu_memory_gb` of its weights stay in RAM, the rest waits on
+    disk in `folder`, and calibration runs layer by layer (llm-compressor's sequential pipeline onloads one decoder
+    layer at a time). Slower than in-memory (every layer is read from disk), so only for models that do not fit."""
+
+    max_cpu_memory_gb: float = Field(gt=0)
+    folder: str | None = None  # default: <output>/.offload (deleted after each variant)
+
+
+class ModelSpec(_Strict):
+    """Where the model comes from and how it is computed while compressing."""
+
+    source: str = Field(EMBEDDED_MODEL, description="'smollm2-135m', a hub id, a local HF folder or a .gguf file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when source is a folder")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    offload: Offload | None = None  # null: the whole model in memory
+
+
+class Calibration(_Strict):
+    """Text the calibrated methods (GPTQ, AWQ, SmoothQuant) observe. Never an evaluation split."""
+
+    source: str = Field(description="a .jsonl/.json/.txt file, or a hub dataset id")
+    text_field: str = "text"
+    split: str = "train"  # hub datasets only
+    samples: int = Field(64, gt=0)
+    seq_len: int = Field(512, gt=0)
+    seed: int = 0
+
+    def shape_for(self, method: str) -> tuple[int, int]:
+        """(samples, seq_len) a method calibrates on when neither its variant nor this section says otherwise.
+
+        Chosen from benchmarks/calibration_sweep.py on SmolLM2-135M (C4, W4A16 g64, 2-core CPU, WikiText-2 test KL to
+        the baseline): GPTQ 16 / 64 / 128 x 512 tokens gave KL 0.363 / 0.310 / 0.304 in 49 / 125 / 235 s, so 64 x 512
+        is the knee. AWQ's grid search costs ~28 ms per calibration token here: 16 x 256 gave KL 0.195 in 117 s,
+        64 x 256 gave 0.189 in 439 s, so AWQ defaults to 16 x 256 unless the recipe sets a shape."""
+        if method == "awq":
+            return (self.samples if "samples" in self.model_fields_set else 16,
+                    self.seq_len if "seq_len" in self.model_fields_set else 256)
+        return self.samples, self.seq_len
+
+
+class KVCache(_Strict):
+    """How the attention keys and values are stored at serving time (see eval/kvcache.py for the formats).
+
+    - fp8 (e4m3), granularity `tensor` (default) or `head`: static scales calibrated by llm-compressor and saved in
+      the checkpoint as `self_attn.k_scale` / `v_scale`, which vLLM reads with `--kv-cache-dtype fp8` (per-head
+      scales need vLLM's FlashAttention-3 backend).
+    - int8 / int4, granularity `token` (default: one scale and minimum per token and head, or per `group_size`
+      channels of it) or `channel` (KIVI: keys per channel over groups of `group_size` tokens, default 32; values
+      per token). Computed as each token enters the cache, so no calibration. vLLM has no integer KV cache: these
+      are measured for engines that have one (llama.cpp `--cache-type-k q8_0|q4_0`, transformers' QuantizedCache).
+    - bf16 / fp16: the 16-bit cache every engine uses by default; on a CPU run in fp32 it shows the rounding alone.
+    """
+
+    dtype: Literal["fp8", "int8", "int4", "bf16", "fp16"]
+    granularity: Literal["tensor", "head", "token", "channel"] | None = None
+    group_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _dtype_rules(self) -> "KVCache":
+        if self.dtype in ("bf16", "fp16"):
+            if self.granularity is not None or self.group_size is not None:
+                raise field_error("granularity", f"a {self.dtype} cache has no scales; remove granularity/group_size")
+        elif self.dtype == "fp8":
+            self.granularity = self.granularity or "tensor"
+            if self.granularity not in ("tensor", "head"):
+                raise field_error("granularity", f"fp8 KV uses static scales, per 'tensor' or per 'head' (what vLLM "
+                                                  f"reads), got {self.granularity!r}")
+            if self.group_size is not None:
+                raise field_error("group_size", "fp8 KV scales are per tensor or per head; remove group_size")
+        else:
+            self.granularity = self.granularity or "token"
+            if self.granularity not in ("token", "channel"):
+                raise field_error("granularity", f"{self.dtype} KV is quantized as each token enters the cache, per "
+                                                  f"'token' or per 'channel' (KIVI keys), got {self.granularity!r}; "
+                                                  f"static per-tensor/per-head scales are for fp8")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """fp8 scales are observed on calibration data; the other formats need none."""
+        return self.dtype == "fp8"
+
+    @property
+    def label(self) -> str:
+        if self.granularity is None:
+            return f"KV-{self.dtype}"
+        group = f"-g{self.group_size}" if self.group_size else ""
+        return f"KV-{self.dtype}-{self.granularity}{group}"
+
+
+class Student(_Strict):
+    """Which decoder layers the student keeps: give `layers` (keep that many, dropping the least important ones by
+    block influence measured on the training text) or `drop` (exactly these teacher layer indices)."""
+
+    layers: int | None = Field(None, gt=0)
+    drop: list[int] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Student":
+        if (self.layers is None) == (self.drop is None):
+            raise field_error("layers", "give exactly one of layers (how many to keep) or drop (which to remove)")
+        if self.drop is not None and len(set(self.drop)) != len(self.drop):
+            raise field_error("drop", f"layer indices repeat: {self.drop}")
+        return self
+
+
+class Distill(_Strict):
+    """A smaller student: depth-pruned from the teacher, then trained to match the teacher's next-token
+    distributions (logit distillation) on `data`. Plain PyTorch (distill/). `steps: 0` is the pruned student
+    without training, the row that shows what training bought."""
+
+    student: Student
+    data: str = "../shared/data/calibration/c4_validation_2k.jsonl"  # training text; never an evaluation split
+    text_field: str = "text"
+    steps: int = Field(300, ge=0)  # optimizer steps
+    batch: int = Field(8, gt=0)  # sequences per optimizer step
+    micro_batch: int = Field(4, gt=0)  # sequences per forward/backward; batch / micro_batch = accumulation steps
+    seq_len: int = Field(256, gt=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)  # default: 10% of steps
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr x min_lr_ratio
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # 1: the distributions that perplexity and KL evaluate
+    ce_weight: float = Field(0.0, ge=0, le=1)  # loss = (1 - w) KL x T^2 + w CE(text)
+    importance_samples: int = Field(16, gt=0)  # windows of `data` the block influence is measured on
+    checkpoint_every: int = Field(50, gt=0)  # steps between resumable training checkpoints
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Distill":
+        if self.batch % self.micro_batch:
+            raise field_error("micro_batch", f"must divide batch ({self.batch}), got {self.micro_batch}")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch // self.micro_batch
+
+
+class VariantBase(_Strict):
+    """What every variant has, whatever its method: a name (its row in the table and its checkpoint folder), which
+    modules stay unquantized, a calibration shape of its own, a KV-cache format, a distilled student.
+
+    Each method family subclasses this in compress/backends/ with its `method` literal, its own keys and rules,
+    `scheme` and `build`; compress/recipe.py unites them on `method`, so a key of another method is an unknown key.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    samples: int | None = Field(None, gt=0)  # overrides calibration.samples for this variant
+    seq_len: int | None = Field(None, gt=0)  # overrides calibration.seq_len for this variant
+    kv_cache: KVCache | None = None  # None: the model's own dtype (16-bit when served)
+    distill: Distill | None = None  # train a smaller student first; the method then quantizes the student
+
+    # the flat variant of the first recipe format: the cache key hashes a variant in this shape, so checkpoints
+    # built before the options were split per method keep their key (fields added later hash only when set)
+    KEY_FIELDS: ClassVar[tuple[str, ...]] = ("name", "method", "bits", "group_size", "symmetric", "ignore", "smoothing_strength",
+                  "dampening_frac", "samples", "seq_len", "kv_cache", "distill", "compute_dtype", "double_quant",
+                  "gguf_type", "imatrix")
+    OFFLOADS: ClassVar[bool] = True  # built in memory or, with model.offload, layer by layer from disk
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache", "distill", "compute_dtype", "double_quant", "gguf_type", "imatrix")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{name!r} is a name compress uses in the output folder; choose another variant name "
+                             f"(reserved: {sorted(RESERVED_NAMES)})")
+        return name
+
+    def _no_calibration_keys(self, hint: str = "") -> None:
+        """samples/seq_len are only for a variant that reads calibration text."""
+        if (self.samples or self.seq_len) and not self.calibrated:
+            raise ValueError(f"method {self.method!r} uses no calibration data here; remove samples/seq_len{hint}")
+
+    def key_fields(self) -> dict:
+        """This variant as the cache key hashes it (see KEY_FIELDS)."""
+        out = {}
+        for f in self.KEY_FIELDS:
+            value = getattr(self, f, None)
+            if f in self.LATER_FIELDS and value is None:
+                continue
+            out[f] = value.model_dump() if isinstance(value, BaseModel) else value
+        return out
+
+    def calibration_extras(self) -> dict:
+        """What the backend adds to the calibration record and cache key (how it calibrates)."""
+        return {}
+
+    def checkpoint_bytes(self, config, dtype_bytes: int) -> float:
+        """Upper bound of the weight bytes this variant writes, from the config alone (compress/resources.py adds
+        its margin and checks the disk): the weights at the variant's format, the rest at the compute dtype."""
+        from compress.planner import parameters, weight_bytes_estimate
+
+        bits, group = self.weight_format()
+        if bits >= 16:
+            return parameters(config) * dtype_bytes
+        return weight_bytes_estimate(config, bits, group, ignore_lm_head="lm_head" in self.ignore,
+                                     embed_bytes=dtype_bytes)
+
+    def weight_format(self) -> tuple[int, int | None]:
+        """(bits, group_size) of the stored weights, for size and memory estimates; 16-bit when unquantized."""
+        return getattr(self, "bits", None) or 16, getattr(self, "group_size", None)
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration text: the method's own reason, or fp8 KV scales."""
+        return bool(self.kv_cache and self.kv_cache.calibrated)
+
+    @property
+    def uses_llmcompressor(self) -> bool:
+        """Built by llm-compressor (a compressed-tensors checkpoint): a quantized method, or fp8 KV scales."""
+        return self.kv_in_checkpoint
+
+    @property
+    def kv_in_checkpoint(self) -> bool:
+        """The KV format is part of the checkpoint (scales + kv_cache_scheme that vLLM reads); otherwise it is
+        applied at evaluation time only, as an engine with that cache format would."""
+        return bool(self.kv_cache and self.kv_cache.dtype == "fp8")
+
+    def _suffix(self) -> str:
+        """The scheme's tail: the KV format and the student, if any."""
+        kv = f" + {self.kv_cache.label}" if self.kv_cache else ""
+        if self.distill:
+            d = self.distill
+            layers = f"{d.student.layers}L" if d.student.layers else f"drop{len(d.student.drop)}"
+            kv += f" (student {layers}, {'KD ' + str(d.steps) + ' steps' if d.steps else 'pruned, untrained'})"
+        return kv
+
+
+class PerplexitySettings(_Strict):
+    """Token perplexity and KL to the baseline on one text file, in windows of `context` tokens."""
+
+    file: str = "wikitext2_raw_wiki.test.raw"  # relative to evaluation.data_dir
+    context: int = Field(512, gt=1)
+    stride: int = Field(512, gt=0)
+    max_windows: int | None = Field(40, gt=0)  # None: the whole file (~300k tokens: slow on a CPU)
+
+    @model_validator(mode="after")
+    def _stride_within_context(self) -> "PerplexitySettings":
+        if self.stride > self.context:
+            raise field_error("stride", f"expected at most context ({self.context}), got {self.stride}")
+        return self
+
+
+class ThroughputSettings(_Strict):
+    """Decode benchmark: a prompt of `prompt_tokens`, then exactly `new_tokens` greedy tokens, per batch size."""
+
+    prompt_tokens: int = Field(128, gt=0)
+    new_tokens: int = Field(64, gt=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)  # llama.cpp rows: batch 1 only
+    repeats: int = Field(3, gt=0)
+    # threads of the llama.cpp engine (GGUF rows); None: every core this process may use. On a 2-core machine
+    # where another process holds a core, llama.cpp's spin-waiting threads collapse and 1 thread is faster: this
+    # is a setting because the best value is a property of the machine, measured by benchmarks/edge_speed.py.
+    llamacpp_threads: int | None = Field(None, gt=0)
+
+
+class PlannerSettings(_Strict):
+    """The serving shape the memory planner sizes the KV cache for (`compress plan`, `--dry-run`)."""
+
+    context: int = Field(4096, gt=0)
+    batch: int = Field(1, gt=0)
+    headroom: float = Field(0.10, ge=0, lt=1)  # fraction of GPU memory kept free (activations, CUDA context)
+
+
+class Evaluation(_Strict):
+    """How each saved checkpoint is checked and measured: self-check, perplexity/KL, lm-eval tasks, throughput."""
+
+    selfcheck_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "def fibonacci(n):",
+            "In 1969, the first humans landed on",
+        ],
+        min_length=1,
+    )
+    selfcheck_max_abs_diff: float = Field(1e-3, ge=0)  # reloaded vs in-memory logits
+    data_dir: str = "../shared/data"  # where the task and perplexity files are
+    tasks: list[str] = Field(default_factory=list)  # names of eval/tasks/*.yaml, e.g. [hellaswag, arc_easy]
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(200, gt=0)  # documents per task (the first N); None: the whole split
+    batch_size: int = Field(16, gt=0)
+    perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)  # null: skip
+    throughput: ThroughputSettings | None = Field(default_factory=ThroughputSettings)  # null: skip
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.perplexity or self.throughput)
+
+
+def field_error(field: str, msg: str) -> ValueError:
+    """A validator's error that recipe.load_recipe reports at `<path>.<field>`."""
+    return ValueError(f"{field}: {msg}")

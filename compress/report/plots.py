@@ -1,0 +1,162 @@
+"""What each plot shows: the data of the four plots, their hover texts and their "Not plotted (...)" notes.
+
+This module decides which variants are plotted and with which figures; draw.py turns a Plot into SVG with
+matplotlib. Keeping the two apart lets the choice of data be tested (and the Markdown report built) without
+matplotlib, and keeps drawing code free of rules about results.json.
+
+A plot skips what it cannot place (a failed variant, one without a score on every task) and says which variants
+it skipped, so a missing point is never mistaken for a point hidden behind another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from compress.report.rows import MB, _get, task_names
+
+PALETTE = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7",
+           "#bab0ac"]
+
+
+class Point(NamedTuple):
+    name: str
+    x: float
+    y: float
+    title: str  # the hover text
+
+
+class Bar(NamedTuple):
+    name: str
+    group: str  # the task, or "average"
+    pct: float  # recovery, % of the baseline's score
+    lo: float | None  # its 95% confidence interval, when the evaluation computed one
+    hi: float | None
+    title: str
+
+
+class Curve(NamedTuple):
+    name: str
+    steps: list[int]
+    losses: list[float]
+    title: str
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One plot: kind "scatter" (Points), "bars" (Bars in `groups`) or "curves" (Curves), in per-variant colours.
+
+    No marks means nothing could be plotted; `notes` then says why. Otherwise `notes` names what was skipped."""
+    kind: str
+    title: str
+    x_label: str
+    y_label: str
+    marks: list
+    colours: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    front: list[str] = field(default_factory=list)  # scatter: the Pareto front, by increasing x
+    groups: list[str] = field(default_factory=list)  # bars: the x-axis groups, in order
+
+
+def colours(names: list[str]) -> dict[str, str]:
+    """One colour per variant, the same in every plot."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (x = tok/s, y = accuracy; higher is better for both).
+
+    A point is dominated when another is at least as good on both axes and strictly better on one; what remains
+    is the set of reasonable choices, each buying speed only with accuracy. Equal points are all kept. The result
+    is ordered by x ascending, which is the order to draw the front in.
+    """
+    front = [(x, y, name) for name, x, y, *_ in points
+             if not any(qx >= x and qy >= y and (qx > x or qy > y) for _, qx, qy, *_ in points)]
+    return [name for x, y, name in sorted(front, key=lambda p: (p[0], -p[1]))]
+
+
+def plots(rows: list[dict], variants: list[dict]) -> list[Plot]:
+    """The report's plots, in order: accuracy vs size, accuracy vs speed, recovery per task, and the
+    distillation loss curves when the run trained a student."""
+    palette = colours([r["name"] for r in rows if r["status"] == "ok"])
+    out = [accuracy_vs_size(rows, palette), accuracy_vs_speed(rows, palette), recovery(rows, variants, palette)]
+    if loss := loss_curves(variants, palette):
+        out.append(loss)
+    return out
+
+
+def _skipped(rows: list[dict], kept: set[str], why: str) -> list[str]:
+    missing = [r["name"] for r in rows if r["name"] not in kept]
+    return [f"Not plotted ({why}): {', '.join(missing)}."] if missing else []
+
+
+def _scatter(rows: list[dict], palette: dict, x_key: str, x_scale: float, x_unit: str, *, title: str,
+             x_label: str, needs: str, lacks: str, front: bool = False) -> Plot:
+    """Average task score (%) against one figure of the rows (row[x_key] * x_scale, in x_unit), for every ok
+    variant that has both; `needs` and `lacks` name that figure in the notes ("a size" / "size")."""
+    pts = [Point(r["name"], r[x_key] * x_scale, r["average_score"] * 100,
+                 f"{r['name']}: {r[x_key] * x_scale:.1f} {x_unit}, {r['average_score'] * 100:.1f} %")
+           for r in rows if r["status"] == "ok" and r[x_key] is not None and r["average_score"] is not None]
+    if not pts:
+        notes = [f"No variant has both {needs} and a score on every task: nothing to plot."]
+    else:
+        notes = _skipped(rows, {p.name for p in pts}, f"failed, or no {lacks} or no score on every task")
+    return Plot("scatter", title, x_label, "average task score (%)", pts, palette, notes,
+                front=pareto_front(pts) if front else [])
+
+
+def accuracy_vs_size(rows: list[dict], palette: dict) -> Plot:
+    return _scatter(rows, palette, "weights_bytes", 1 / MB, "MB", title="Accuracy vs size on disk",
+                    x_label="size on disk (MB, weight files)", needs="a size", lacks="size")
+
+
+def accuracy_vs_speed(rows: list[dict], palette: dict) -> Plot:
+    """Accuracy against batch-1 decode speed, with the Pareto front: the variants worth choosing between."""
+    return _scatter(rows, palette, "tok_per_sec_b1", 1.0, "tok/s", title="Accuracy vs decode speed (batch 1)",
+                    x_label="decode throughput at batch 1 (tokens/s, median)", needs="a batch-1 throughput",
+                    lacks="throughput", front=True)
+
+
+def recovery(rows: list[dict], variants: list[dict], palette: dict) -> Plot:
+    """Grouped bars: one group per task (and the average), one bar per non-baseline variant, from the 100% line.
+
+    Bars start at 100% (the baseline) rather than at 0: recoveries sit near 100%, and bars from a truncated axis
+    would exaggerate differences, while bars from 0 would hide them. A bar's length is its gap to the baseline.
+    """
+    recs = {r.get("name"): r for r in variants}
+    groups = task_names(variants) + ["average"]
+    bars = []
+    for r in rows:
+        if r["status"] != "ok" or r["method"] == "baseline":
+            continue
+        for g in groups:
+            pct = _get(recs.get(r["name"]), "recovery", g, "pct")
+            if pct is not None:
+                lo, hi = _get(recs.get(r["name"]), "recovery", g, "ci95") or [None, None]
+                ci = f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
+                bars.append(Bar(r["name"], g, pct, lo, hi, f"{r['name']}, {g}: {pct:.1f}%{ci}"))
+    names = {b.name for b in bars}
+    notes = (_skipped([r for r in rows if r["method"] != "baseline"], names, "failed, or no recovery figures")
+             if bars else ["No variant has recovery figures: nothing to plot."])
+    return Plot("bars", "Accuracy recovery vs baseline, per task", "task (bars start at the baseline's 100%)",
+                "recovery (% of baseline score)", bars, palette, notes,
+                groups=[g for g in groups if any(b.group == g for b in bars)])
+
+
+def loss_curves(variants: list[dict], palette: dict) -> Plot | None:
+    """KD loss per optimizer step for every distinct trained student (variants sharing a student share a line),
+    or None when no variant was distilled."""
+    curves: list[Curve] = []
+    seen: list[list[dict]] = []
+    for r in variants:
+        curve = _get(r, "distill", "loss_curve")
+        if not curve or curve in seen:
+            continue
+        seen.append(curve)
+        steps, losses = [p["step"] for p in curve], [p["loss"] for p in curve]
+        curves.append(Curve(r["name"], steps, losses, f"{r['name']}: KD loss {losses[0]:.3f} at step {steps[0]} "
+                                                      f"→ {losses[-1]:.3f} at step {steps[-1]}"))
+    if not curves:
+        return None
+    return Plot("curves", "Distillation loss", "optimizer step", "KD loss (KL × T², per token)", curves,
+                {c.name: palette.get(c.name, PALETTE[0]) for c in curves})

@@ -1,0 +1,62 @@
+"""The report's sections, in order: built once from the results, walked by the Markdown and the HTML renderer.
+
+This list is the one place that says what the report contains and in which order; render.py only says how each
+kind of section is written. Adding a section is one entry here (and, for a new kind, one case per renderer).
+A section the run has nothing for (no KV-cache variants, no warnings) is left out rather than shown empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compress.report.plots import plots
+from compress.report.provenance import provenance
+from compress.report.rows import DASH, display_columns, task_names
+from compress.report.tables import calibration_warnings, distill_table, gguf_table, kv_table, speed_summary
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report. `kind` says what `content` is:
+
+    - "callout": a sentence to stand out (the model's note, e.g. that the baseline is itself dequantized);
+    - "variants": the main table, (display_columns, rows);
+    - "table": a tables.Table (headers, rows of text, caption); `id` is its HTML id;
+    - "list": lines of text (`code` in backticks), each after `label` in bold when there is one;
+    - "plots": a list of plots.Plot (HTML only: the Markdown report points to report.html for them);
+    - "sections": a list of Sections, one heading level down.
+
+    `heading` is None for what sits directly under the title (the callout, the main table).
+    """
+    heading: str | None
+    kind: str
+    content: object
+    id: str | None = None
+    label: str | None = None
+
+
+def title(results: dict) -> str:
+    """The report's title (the first line of report.md; ownership.py recognises older reports by it)."""
+    return f"Compression report: {(results.get('model') or {}).get('description', DASH)}"
+
+
+def sections(results: dict, rows: list[dict]) -> list[Section]:
+    """Every section of the report, in order (the rows are rows.variant_rows(results))."""
+    variants = results.get("variants") or []
+    out = []
+    if note := (results.get("model") or {}).get("note"):
+        out.append(Section(None, "callout", note))
+    out.append(Section(None, "variants", (display_columns(task_names(variants), variants), rows)))
+    for heading, table_id, table in (("KV cache", "kv", kv_table(variants)),
+                                     ("GGUF files", "gguf", gguf_table(variants)),
+                                     ("Distillation", "distill", distill_table(variants))):
+        if table:
+            out.append(Section(heading, "table", table, id=table_id))
+    if warnings := calibration_warnings(variants):
+        out.append(Section("Checks", "list", warnings, label="Warning"))
+    if speed := speed_summary(variants):
+        out.append(Section("Decode speed", "list", speed))
+    out.append(Section("Plots", "plots", plots(rows, variants)))
+    out.append(Section("Where the figures come from", "sections",
+                       [Section(heading, "list", lines) for heading, lines in provenance(results)]))
+    return out

@@ -1,0 +1,191 @@
+"""The section tables and notes that follow the main table: KV cache, GGUF files, distillation, checks, speed.
+
+Each table is a Table (headers, rows of cell text, caption) or None when the run has nothing for it, so a report
+of a plain quantization run has no empty KV, GGUF or distillation sections. The cells are final text; the
+renderers (render.py) only escape them for Markdown or HTML.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from compress.recipe import CALIBRATED_METHODS
+from compress.report.rows import DASH, MB, _fmt, _get, _pm, baselines, engine_text
+
+# What the edge recipes aim for on a CPU: a 4-bit GGUF file that decodes at least this much faster than the fp32
+# baseline, and at this share of the memory-bandwidth bound (what decode speed can reach at all).
+EDGE_SPEEDUP = 2
+EDGE_UTILISATION = 0.5
+
+
+class Table(NamedTuple):
+    """A section table: headers, rows of cell text (the first cell names the variant), and the caption under it."""
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str
+
+
+def _ok(variants: list[dict]) -> list[dict]:
+    return [r for r in variants if r.get("status", "ok") == "ok"]
+
+
+def _quality(r: dict) -> list[str]:
+    """KL (± stderr) and perplexity cells, as in the main table."""
+    return [_pm(_get(r, "kl", "mean"), _get(r, "kl", "stderr"), ".4f"), _fmt(_get(r, "perplexity", "value"), ".2f")]
+
+
+def calibration_warnings(variants: list[dict]) -> list[str]:
+    """Flag every calibrated variant that came out worse than round-to-nearest of the same weight format (bits,
+    group size, symmetric or with zero points, KV cache), when the run has one.
+
+    GPTQ/AWQ spend minutes on calibration to beat plain rounding; when they do not, the usual cause is the
+    calibration text (off-domain for what is evaluated, or too few tokens), which the model card names. Compared on
+    perplexity and KL to the baseline, the two figures measured on identical tokens for every variant.
+    """
+    def fmt(r: dict) -> tuple:
+        return r.get("bits"), r.get("group_size"), r.get("symmetric"), r.get("kv_cache"), r.get("run")
+
+    out = []
+    for v in variants:
+        if v.get("status") != "ok" or v.get("method") not in CALIBRATED_METHODS:
+            continue
+        peers = [r for r in variants if r.get("status") == "ok" and r.get("method") == "rtn" and fmt(r) == fmt(v)]
+        for rtn in peers:
+            worse = [f"{label} {_get(v, *key):.4g} vs {_get(rtn, *key):.4g}"
+                     for label, key in (("perplexity", ("perplexity", "value")), ("KL", ("kl", "mean")))
+                     if _get(v, *key) is not None and _get(rtn, *key) is not None and _get(v, *key) > _get(rtn, *key)]
+            if worse:
+                cal = v.get("calibration") or {}
+                data = (f"{cal.get('samples')} x {cal.get('seq_len')} tokens of {cal.get('source')}" if cal
+                        else "its calibration data")
+                out.append(f"{v['name']} ({v['method']}) is worse than plain rounding ({rtn['name']}) on "
+                           f"{' and '.join(worse)}. Likely cause: the calibration text ({data}) is unlike the "
+                           f"evaluation text or too short; try in-domain text or more samples.")
+    return out
+
+
+def kv_table(variants: list[dict]) -> Table | None:
+    """The KV-cache table, or None when no variant changes the KV cache.
+
+    Per variant: its KV format, bytes per token, the cache at the planner's context x batch, and per planner GPU
+    how many sequences of that context fit beside its weights, with the gain over a 16-bit cache in brackets."""
+    ok = [r for r in _ok(variants) if r.get("kv_memory")]
+    if not any(r.get("kv_cache") for r in ok):
+        return None
+    gpus = list(ok[0]["kv_memory"]["gpus"])
+    headers = ["variant", "KV format", "KV bytes/token", "vs 16-bit (×)", "KV at context × batch (MB)",
+               "KL vs baseline", "perplexity"] + [f"{g}: sequences (+ vs 16-bit KV)" for g in gpus]
+    rows = []
+    for r in ok:
+        m = r["kv_memory"]
+        rows.append([r["name"], m["format"], f"{m['bytes_per_token']:,.0f}", f"{m['ratio_vs_16bit']:.2f}",
+                     f"{m['bytes_at_context_batch'] / MB:,.1f}", *_quality(r)]
+                    + [f"{g['max_sequences']:,} (+{g['extra_sequences']:,})" for g in m["gpus"].values()])
+    m0 = ok[0]["kv_memory"]
+    caption = (f"Context {m0['context']:,} tokens × batch {m0['batch']} (the recipe's evaluation.planner); sequences "
+               f"= how many {m0['context']:,}-token sequences fit in memory × (1 − {m0['headroom']:g}) after the "
+               f"variant's weights (estimated from the config at serving precision: 16-bit unless quantized), "
+               f"with the gain over a 16-bit KV cache. Integer formats count a 16-bit scale and minimum per group. "
+               f"fp8 KV uses the checkpoint's calibrated scales as compressed-tensors applies them on load; int8/int4 "
+               f"are quantized and dequantized as each key/value enters the cache (eval/kvcache.py), the "
+               f"channel (KIVI) format quantizing every key, including the last few that KIVI keeps in 16 bits.")
+    return Table(headers, rows, caption)
+
+
+def gguf_table(variants: list[dict]) -> Table | None:
+    """What each GGUF file really holds: the requested llama.cpp type, the tensor types the quantizer chose, bits
+    per weight, sizes, and the two engines' agreement on it. None without GGUF rows."""
+    rows = []
+    for r in _ok(variants):
+        g = r.get("gguf")
+        if not g:
+            continue
+        check = r.get("selfcheck") or {}
+        types = ", ".join(f"{t} × {e['tensors']} ({e['bytes'] / MB:.1f} MB)" for t, e in g["types"].items())
+        rows.append([r["name"], g["type_requested"] + (" + imatrix" if g.get("imatrix") else ""), types,
+                     f"{g['bits_per_weight']:.2f}", f"{g['tensor_bytes'] / MB:.1f}", f"{g['file_bytes'] / MB:.1f}",
+                     _fmt(check.get("engines_kl_mean"), ".2g")])
+    if not rows:
+        return None
+    headers = ["variant", "requested type", "tensor types stored (count, MB)", "bits/weight", "tensors (MB)",
+               "file (MB)", "llama.cpp vs transformers KL (self-check)"]
+    caption = ("Read back from each file with gguf-py. llama.cpp's quantizer picks each tensor's type: the _M/_S "
+               "mixtures give some tensors more bits, norms stay F32, and a K-quant (Q4_K, Q6_K) needs rows that "
+               "are a multiple of 256 weights, so tensors with shorter or odd rows (576-wide on SmolLM2) fall back "
+               "to a 32-block type (Q4_K → Q5_0, Q6_K → Q8_0). bits/weight = 8 × tensor bytes / parameters. The "
+               "self-check KL is between llama.cpp's and transformers' next-token distributions for the same file "
+               "on the self-check prompts.")
+    return Table(headers, rows, caption)
+
+
+def distill_table(variants: list[dict]) -> Table | None:
+    """The distillation table: how each student was made and what it scored, or None without students.
+
+    Rows: the teacher (baseline) and every variant built from a student, so the pruned-untrained row, the
+    distilled row and the distilled + quantized row sit together."""
+    students = [r for r in _ok(variants) if r.get("distill")]
+    if not students:
+        return None
+    teacher = next((r for r in variants if r.get("method") == "baseline" and r.get("run") == students[0].get("run")),
+                   None)
+    headers = ["variant", "layers", "dropped layers (chosen by)", "steps", "tokens trained (epochs)", "train time (s)",
+               "KD loss first → last", "size (MB)", "perplexity", "KL vs teacher", "tok/s (batch 1)"]
+
+    def common(r: dict) -> list[str]:
+        kl, ppl = _quality(r)
+        return [_fmt(r.get("weights_bytes"), ".1f", 1 / MB), ppl, kl,
+                _fmt(_get(r, "throughput", "batches", "1", "tok_per_sec"), ".1f")]
+
+    rows = []
+    if teacher:
+        n = students[0]["distill"]["teacher_layers"]
+        rows.append([f"{teacher['name']} (teacher)", str(n), DASH, DASH, DASH, DASH, DASH] + common(teacher))
+    for r in students:
+        d = r["distill"]
+        losses = (f"{d['first_loss']:.3f} → {d['final_loss']:.3f}" if d.get("final_loss") is not None else DASH)
+        rows.append([r["name"], f"{d['student_layers']} of {d['teacher_layers']}",
+                     f"{d['dropped_layers']} ({d['chosen_by']})", str(d["steps"]),
+                     f"{d['tokens_trained']:,} ({d['epochs']:g})" if d["steps"] else "0",
+                     _fmt(d.get("train_seconds"), ".0f") if d["steps"] else DASH, losses] + common(r))
+    d0 = students[0]["distill"]
+    caption = (f"Students are the teacher with its lowest block-influence layers removed (BI = 1 − cos(layer input, "
+               f"layer output), mean over {d0['importance_windows']} windows of the training text), then trained "
+               f"by logit distillation (KL at temperature {d0['settings']['temperature']:g}"
+               + (f", + {d0['settings']['ce_weight']:g} × cross-entropy" if d0['settings']['ce_weight'] else "")
+               + f") on `{d0['data']}`, never an evaluation file. A student shared by several variants was trained "
+               f"once; its train time is that run's. KL is measured against the teacher on the perplexity tokens.")
+    return Table(headers, rows, caption)
+
+
+def speed_summary(variants: list[dict]) -> list[str]:
+    """The decode-speed note: the fastest 4-bit GGUF row against its run's baseline (tok/s ratio, both engines,
+    share of its memory-bandwidth bound), and whether that meets the edge targets. Empty without such a row.
+
+    4-bit GGUF on llama.cpp is the edge recipes' answer to "how fast can this model decode on a CPU", so it is the
+    row quoted; an 8-bit file may be faster on some CPUs but is not what the targets are about."""
+    base_of = baselines(variants)
+    best = None
+    for r in _ok(variants):
+        base = base_of.get(r.get("run"))
+        tok = _get(r, "throughput", "batches", "1", "tok_per_sec")
+        base_tok = _get(base, "throughput", "batches", "1", "tok_per_sec")
+        if not tok or not base_tok or r is base:
+            continue
+        if r.get("method") == "gguf" and r.get("bits") == 4 and (best is None or tok > best[1]):
+            best = (r, tok, base, base_tok)
+    if not best:
+        return []
+    r, tok, base, base_tok = best
+    rf = r.get("roofline") or {}
+    util = rf.get("utilisation")
+    bound = (f"; it reaches {100 * util:.0f}% of its memory-bandwidth bound ({rf['bound_tok_per_sec']:.0f} tok/s = "
+             f"{rf['bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s / {rf['bytes_per_token'] / MB:.1f} MB read per token)."
+             if util is not None else ".")
+    util_met = DASH if util is None else ("met" if util >= EDGE_UTILISATION else "NOT met")
+    return [f"Fastest 4-bit GGUF row: {r['name']} ({r['scheme']}) decodes at {tok:.1f} tok/s with "
+            f"{engine_text(r['throughput'])}, {tok / base_tok:.2f}× the baseline's {base_tok:.1f} tok/s "
+            f"({engine_text(base['throughput'])}, {_get(base, 'throughput', 'dtype') or 'fp32'}), same prompt "
+            f"and lengths, batch 1" + bound,
+            f"Edge targets: ≥ {EDGE_SPEEDUP}× the baseline's tok/s — "
+            f"{'met' if tok / base_tok >= EDGE_SPEEDUP else 'NOT met'}; ≥ {100 * EDGE_UTILISATION:.0f}% of the "
+            f"bandwidth bound — {util_met}."]

@@ -1,0 +1,123 @@
+"""tables.py: the KV-cache, GGUF and distillation tables, the calibration check and the decode-speed note,
+called directly on hand-built records."""
+
+from compress.report.rows import DASH
+from compress.report.tables import calibration_warnings, distill_table, gguf_table, kv_table, speed_summary
+
+
+def _cells(table) -> dict[str, dict[str, str]]:
+    """variant -> header -> cell."""
+    return {row[0]: dict(zip(table.headers, row)) for row in table.rows}
+
+
+def test_calibrated_variant_worse_than_rtn_is_flagged():
+    rtn = {"name": "rtn", "method": "rtn", "status": "ok", "bits": 4, "group_size": 64,
+           "perplexity": {"value": 40.5}, "kl": {"mean": 0.44}}
+    gptq = {"name": "gptq", "method": "gptq", "status": "ok", "bits": 4, "group_size": 64,
+            "perplexity": {"value": 41.7}, "kl": {"mean": 0.34},
+            "calibration": {"samples": 64, "seq_len": 512, "source": "c4.jsonl"}}
+    awq = {**gptq, "name": "awq", "method": "awq", "perplexity": {"value": 34.8}, "kl": {"mean": 0.18}}
+    other_group = {**gptq, "name": "g128", "group_size": 128}
+    (warning,) = calibration_warnings([rtn, gptq, awq, other_group])
+    assert warning.startswith("gptq (gptq)") and "(rtn)" in warning and "perplexity 41.7 vs 40.5" in warning
+    assert "KL" not in warning and "64 x 512 tokens of c4.jsonl" in warning  # KL is better: not listed
+    assert calibration_warnings([rtn, awq]) == []
+    # zero points are a different format: an asymmetric AWQ is judged against asymmetric rounding only
+    awq_asym = {**awq, "name": "awq-asym", "symmetric": False, "perplexity": {"value": 45.0}}
+    assert calibration_warnings([rtn, awq_asym]) == []
+    rtn_asym = {**rtn, "name": "rtn-asym", "symmetric": False}
+    (warning,) = calibration_warnings([rtn, rtn_asym, awq_asym])
+    assert warning.startswith("awq-asym (awq)") and "(rtn-asym)" in warning and "perplexity 45 vs 40.5" in warning
+    # another run's rounding is no peer: it was measured against another baseline
+    assert calibration_warnings([{**rtn, "run": "a"}, {**gptq, "run": "b"}]) == []
+
+
+def _kv_memory(fmt: str, per_token: float, extra: int) -> dict:
+    return {"format": fmt, "bytes_per_token": per_token, "ratio_vs_16bit": 46080 / per_token, "context": 4096,
+            "batch": 8, "bytes_at_context_batch": int(per_token * 4096 * 8), "headroom": 0.1,
+            "gpus": {"L4 24GB": {"max_sequences": 100 + extra, "extra_sequences": extra},
+                     "A100 80GB": {"max_sequences": 400 + 4 * extra, "extra_sequences": 4 * extra}}}
+
+
+def test_kv_table():
+    base = {"name": "baseline", "method": "baseline", "kv_memory": _kv_memory("KV-16bit", 46080, 0),
+            "kl": {"mean": 0.0, "stderr": 0.0}, "perplexity": {"value": 20.41}}
+    kv8 = {"name": "kv-int8", "method": "none", "kv_cache": {"dtype": "int8"},
+           "kv_memory": _kv_memory("int8 (token)", 24000, 92), "kl": {"mean": 0.0123}}
+    failed = {**kv8, "name": "kv-int4", "status": "failed"}
+    assert kv_table([base]) is None  # no variant changes the KV cache: no section
+    table = kv_table([base, kv8, failed])
+    assert table.headers[-2:] == ["L4 24GB: sequences (+ vs 16-bit KV)", "A100 80GB: sequences (+ vs 16-bit KV)"]
+    cells = _cells(table)
+    assert list(cells) == ["baseline", "kv-int8"]  # the failed variant has no row
+    assert cells["kv-int8"]["KV bytes/token"] == "24,000" and cells["kv-int8"]["vs 16-bit (×)"] == "1.92"
+    assert cells["kv-int8"]["KV at context × batch (MB)"] == "786.4"
+    assert cells["kv-int8"]["KL vs baseline"] == "0.0123" and cells["kv-int8"]["perplexity"] == DASH
+    assert cells["kv-int8"]["L4 24GB: sequences (+ vs 16-bit KV)"] == "192 (+92)"
+    assert cells["baseline"]["KL vs baseline"] == "0.0000 ± 0.0000" and cells["baseline"]["perplexity"] == "20.41"
+    assert "4,096 tokens × batch 8" in table.caption
+
+
+def gguf_record(name: str, tok: float, bits: int = 4) -> dict:
+    types = {"Q5_0": {"tensors": 166, "params": 95_000_000, "bytes": 53_700_000},
+             "Q8_0": {"tensors": 15, "params": 29_800_000, "bytes": 31_700_000}}
+    return {"name": name, "method": "gguf", "scheme": "GGUF Q4_K_M", "bits": bits, "status": "ok",
+            "weights_bytes": 103_668_480, "run": None,
+            "gguf": {"file": "model-Q4_K_M.gguf", "type_requested": "Q4_K_M", "imatrix": False, "types": types,
+                     "bits_per_weight": 6.17, "tensor_bytes": 103_668_480, "file_bytes": 105_453_984},
+            "selfcheck": {"engines_kl_mean": 0.015},
+            "throughput": {"engine": "llama.cpp", "threads": 1, "device": "cpu",
+                           "batches": {"1": {"tok_per_sec": tok, "ttft_s": 0.05}}},
+            "roofline": {"bytes_per_token": 104_000_000, "bound_tok_per_sec": 240.0, "bandwidth_bytes_per_sec": 25e9,
+                         "utilisation": tok / 240.0}}
+
+
+def test_gguf_table():
+    imat = {**gguf_record("imat", 90.0), "gguf": {**gguf_record("x", 1)["gguf"], "imatrix": True}}
+    assert gguf_table([{"name": "baseline", "method": "baseline"}]) is None
+    cells = _cells(gguf_table([gguf_record("q4", 130.0), imat, {**gguf_record("bad", 1.0), "status": "failed"}]))
+    assert list(cells) == ["q4", "imat"]
+    assert cells["q4"]["tensor types stored (count, MB)"] == "Q5_0 × 166 (53.7 MB), Q8_0 × 15 (31.7 MB)"
+    assert cells["q4"]["requested type"] == "Q4_K_M" and cells["imat"]["requested type"] == "Q4_K_M + imatrix"
+    assert [cells["q4"][h] for h in ("bits/weight", "tensors (MB)", "file (MB)")] == ["6.17", "103.7", "105.5"]
+    assert cells["q4"]["llama.cpp vs transformers KL (self-check)"] == "0.015"
+
+
+def _baseline(tok: float, threads: int = 2) -> dict:
+    return {"name": "baseline", "method": "baseline", "status": "ok", "run": None, "weights_bytes": 538_090_408,
+            "throughput": {"engine": "transformers-eager", "threads": threads, "batches": {"1": {"tok_per_sec": tok}}}}
+
+
+def test_speed_summary_quotes_the_fastest_4bit_gguf_row():
+    variants = [_baseline(24.6), gguf_record("fast", 130.0), gguf_record("slow", 90.0), gguf_record("q8", 150.0, 8)]
+    quote, targets = speed_summary(variants)
+    assert "fast (GGUF Q4_K_M)" in quote and "130.0 tok/s" in quote and f"{130 / 24.6:.2f}×" in quote  # not q8
+    assert "24.6 tok/s (transformers-eager, 2 threads, fp32)" in quote
+    assert "54%" in quote and "240 tok/s = 25.0 GB/s / 104.0 MB" in quote
+    assert targets.count("— met") == 2 and ".yaml" not in targets  # the targets name no recipe file
+    slow = speed_summary([_baseline(60.0), gguf_record("slow", 90.0)])[1]
+    assert slow.count("NOT met") == 2  # 1.5× the baseline, 38% of the bound
+    assert speed_summary([_baseline(24.6), gguf_record("q8", 150.0, 8)]) == []  # no 4-bit GGUF row: no note
+
+
+def test_distill_table():
+    d = {"teacher_layers": 30, "student_layers": 24, "dropped_layers": [3, 5], "chosen_by": "lowest block influence",
+         "steps": 200, "tokens_trained": 1_638_400, "epochs": 1.5, "train_seconds": 812.3, "first_loss": 2.731,
+         "final_loss": 0.912, "importance_windows": 32, "settings": {"temperature": 2.0, "ce_weight": 0.0},
+         "data": "train.raw"}
+    pruned = {"name": "pruned", "method": "none", "distill": {**d, "steps": 0, "final_loss": None}}
+    distilled = {"name": "distilled", "method": "none", "distill": d, "perplexity": {"value": 25.0}}
+    assert distill_table([_baseline(24.6)]) is None
+    table = distill_table([_baseline(24.6), pruned, distilled])
+    cells = _cells(table)
+    assert list(cells) == ["baseline (teacher)", "pruned", "distilled"]
+    assert cells["baseline (teacher)"]["layers"] == "30" and cells["baseline (teacher)"]["size (MB)"] == "538.1"
+    assert cells["baseline (teacher)"]["tok/s (batch 1)"] == "24.6"
+    assert cells["pruned"]["tokens trained (epochs)"] == "0" and cells["pruned"]["KD loss first → last"] == DASH
+    assert cells["distilled"]["layers"] == "24 of 30"
+    assert cells["distilled"]["dropped layers (chosen by)"] == "[3, 5] (lowest block influence)"
+    assert cells["distilled"]["tokens trained (epochs)"] == "1,638,400 (1.5)"
+    assert cells["distilled"]["train time (s)"] == "812"
+    assert cells["distilled"]["KD loss first → last"] == "2.731 → 0.912"
+    assert cells["distilled"]["perplexity"] == "25.00"
+    assert "`train.raw`" in table.caption and "temperature 2" in table.caption and "cross-entropy" not in table.caption

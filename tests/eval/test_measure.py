@@ -1,0 +1,121 @@
+"""The evaluation stage on a tiny model: every figure lands in results.json, the baseline is the KL reference,
+recovery pairs items, measurements are cached per variant, and bad evaluation input is rejected up front."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compress import checkpoint
+from compress import run as run_mod
+from compress.cli import main
+from compress.recipe import load_recipe
+from conftest import TEXT, write_recipe
+
+VARIANTS = [{"name": "baseline", "method": "baseline"},
+            {"name": "rtn-w4", "method": "rtn", "bits": 4, "group_size": 32},
+            {"name": "rtn-w8", "method": "rtn", "bits": 8}]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Local files in the shared data's formats: an ARC-style task file and a perplexity text."""
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"id": str(i), "question": f"Which word completes: {TEXT[i % 5][:30]}?",
+             "choices": ["fox", "dog", "scale", "model"], "gold": i % 4} for i in range(24)]
+    (d / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "text.raw").write_text(" ".join(TEXT * 10))
+    return d
+
+
+def _recipe(tmp_path, tiny_model, calib_file, data_dir, evaluation=None):
+    ev = {"data_dir": str(data_dir), "tasks": ["arc_easy"], "limit": 20, "batch_size": 4,
+          "perplexity": {"file": "text.raw", "context": 64, "stride": 32, "max_windows": 6},
+          "throughput": {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2], "repeats": 1}}
+    ev.update(evaluation or {})
+    return write_recipe(tmp_path, tiny_model, calib_file, VARIANTS, evaluation=ev)
+
+
+def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, data_dir, monkeypatch):
+    recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir)
+    assert run_mod.run(load_recipe(recipe), recipe) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    r = {v["name"]: v for v in results["variants"]}
+    assert results["bandwidth"]["bytes_per_sec"] > 0
+    base, w4, w8 = r["baseline"], r["rtn-w4"], r["rtn-w8"]
+    assert base["kl"]["mean"] == 0 and base["kl"]["top1_agreement"] == 1
+    assert base["perplexity"]["tokens"] == w4["perplexity"]["tokens"] > 0
+    assert w4["kl"]["mean"] > w8["kl"]["mean"] > 0  # 4-bit drifts further from the baseline than 8-bit
+    assert w4["tasks"]["arc_easy"]["n"] == 20 and "items" not in w4["tasks"]["arc_easy"]
+    assert {"pct", "ci95"} <= set(w4["recovery"]["arc_easy"]) and "average" in w4["recovery"]
+    assert "recovery" not in base
+    for v in r.values():
+        assert v["throughput"]["engine"] == "transformers-eager"
+        assert set(v["throughput"]["batches"]) == {"1", "2"}
+        assert 0 < v["roofline"]["utilisation"]
+    for f in ("report.md", "results.csv", "report.html"):
+        assert (tmp_path / "run" / f).is_file()
+    card = (tmp_path / "run" / "rtn-w4" / "README.md").read_text()
+    assert "| perplexity, `text.raw`" in card and "KL divergence from the baseline" in card
+    table = card.split("## Measured")[1].split("\n\n")[1]  # one unbroken markdown table
+    assert table.startswith("| figure | value |") and "KL divergence" in table and "tok/s" in table
+    assert "arc_easy acc (lm-eval, 0-shot, n = 20)" in card and "tok/s" in card
+    manifest = json.loads((tmp_path / "run" / "rtn-w4" / "manifest.json").read_text())
+    assert checkpoint.verify(tmp_path / "run" / "rtn-w4", manifest["cache_key"])  # card refreshed, manifest too
+
+    measured = []
+    from eval import perplexity
+
+    orig = perplexity.evaluate_tokens
+    monkeypatch.setattr(perplexity, "evaluate_tokens", lambda *a, **k: measured.append(1) or orig(*a, **k))
+    assert run_mod.run(load_recipe(recipe), recipe) == 0
+    assert measured == []  # nothing re-measured
+    built = []
+    real_build = run_mod.build
+    monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
+    recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir, {"limit": 12})
+    assert run_mod.run(load_recipe(recipe), recipe) == 0
+    assert len(measured) == 3  # a changed evaluation setting re-measures every variant
+    assert built == []  # ... but rebuilds no checkpoint
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    ({"tasks": ["hellaswag_typo"]}, "evaluation.tasks: unknown ['hellaswag_typo']"),
+    ({"data_dir": "/no/such/dir"}, "evaluation.data_dir: folder not found"),
+    ({"perplexity": {"file": "missing.raw"}}, "evaluation.perplexity.file"),
+])
+def test_bad_evaluation_input_exits_2(tmp_path, tiny_model, calib_file, data_dir, capsys, evaluation, message):
+    recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir, evaluation)
+    assert main(["run", str(recipe)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_key_covers_the_bandwidth_probe_only_with_throughput(data_dir, monkeypatch):
+    """Cached figures measured under another bandwidth definition are redone, so a report never mixes two bounds;
+    an evaluation without throughput keeps its cache."""
+    from eval import measure as evaluate, throughput
+    from compress.recipe import Evaluation
+
+    with_tp = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                         throughput={"prompt_tokens": 8, "new_tokens": 4})
+    without = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"}, throughput=None)
+    before = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
+    monkeypatch.setattr(throughput, "BANDWIDTH_PROBE", "another-probe")
+    after = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
+    assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeypatch):
+    """Flash attention changes llama.cpp's logits and speed, so a GGUF row measured with the other setting is
+    redone; a transformers row keeps its cache."""
+    from compress import llamacpp
+    from eval import measure as evaluate
+    from compress.recipe import Evaluation
+
+    ev = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                    throughput={"prompt_tokens": 8, "new_tokens": 4})
+    before = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    monkeypatch.setattr(llamacpp, "FLASH_ATTENTION", not llamacpp.FLASH_ATTENTION)
+    after = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    assert after[0] != before[0] and after[1] == before[1]
