@@ -106,6 +106,13 @@ class Job:
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=self.dtype, device_map=self.device).eval()
         return model, tok
 
+    def load_offloaded(self, path, folder: Path):
+        """`path`'s weights with at most the recipe's `model.offload.max_cpu_memory_gb` in RAM, the rest in
+        `folder` (compress.load.load_offloaded)."""
+        from compress.load import load_offloaded
+
+        return load_offloaded(path, self.dtype, self.recipe.model.offload.max_cpu_memory_gb * 1e9, folder)
+
 
 def base_record(job: Job, v: VariantBase, **fields) -> dict:
     """The fields every backend's record starts with (compress/record.py declares them all)."""
@@ -163,13 +170,8 @@ def transformers_checkpoint(job: Job, v: VariantBase, compress_step, *, quantize
             after_save()
         del model
         log.info("stage self-check: reloading %s from disk", v.name)
-        reload = None
-        if offload:  # reload within the same memory budget
-            from compress.load import load_offloaded
-
-            def reload(folder):
-                return load_offloaded(folder, job.dtype, offload.max_cpu_memory_gb * 1e9,
-                                      job.offload_dir / "selfcheck")
+        # offloaded: reload within the same memory budget
+        reload = (lambda folder: job.load_offloaded(folder, job.offload_dir / "selfcheck")) if offload else None
         diff = checkpoint.selfcheck(staging, prompts, reference, job.device, job.dtype, load=reload)
         tolerance = job.recipe.evaluation.selfcheck_max_abs_diff
         if not diff <= tolerance:  # also catches NaN
@@ -207,11 +209,7 @@ def _load(job: Job, weights: Path | None, load_weights: bool):
     if not load_weights:
         return None, AutoTokenizer.from_pretrained(job.source.path)
     if offload:
-        from compress.load import load_offloaded
-
         log.info("stage load: offloading beyond %.3g GB of weights to %s", offload.max_cpu_memory_gb, job.offload_dir)
-        model = load_offloaded(str(weights or job.source.path), job.dtype, offload.max_cpu_memory_gb * 1e9,
-                               job.offload_dir)
-        return (model,
+        return (job.load_offloaded(str(weights or job.source.path), job.offload_dir),
                 AutoTokenizer.from_pretrained(job.source.path))
     return job.load(weights)
