@@ -5,10 +5,13 @@
 
 Bandwidth is measured once; each folder is then benchmarked in its own Python process, so its peak RSS is its own
 and not the largest of all folders so far (ru_maxrss is a process-lifetime peak). Prints a table, then JSON last.
-The ratio column is each folder's batch-1 tok/s over the first folder's: put the baseline first.
+The ratio column is each folder's batch-1 speed over the first folder's: put the baseline first. It is not the
+quotient of their medians (timed minutes apart, each under whatever load the machine had then) but the median of
+`--rounds` interleaved rounds of the two, both loaded in one process, A B / B A (eval/interleaved.py), printed with
+its distribution-free 95% interval; "~" marks an interval containing 1 (no measurable difference).
 
-Figures from a shared machine are indicative: another process on a 2-core CPU can halve them. The load average is
-recorded in the JSON for that reason.
+Every timed run is checked for other processes' CPU time and steal on our cores (eval/contention.py); a contended
+run or round is timed again, at most `--retries` more, and a row that never got a quiet machine says CONTENDED.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="torch dtype name (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--bandwidth-mib", type=int, default=None, help="copy size for the bandwidth probe")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds per ratio to the first folder")
+    p.add_argument("--retries", type=int, default=8, help="extra runs (rounds) allowed to replace contended ones")
     args = p.parse_args(argv)
 
     configure_cpu()
@@ -54,16 +59,34 @@ def main(argv=None) -> int:
     for folder in args.folders:
         r = benchmark_checkpoint_in_subprocess(
             folder, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=args.batch_sizes,
-            repeats=args.repeats, device=args.device, dtype=args.dtype, bandwidth_bytes_per_sec=bw["bytes_per_sec"])
+            repeats=args.repeats, device=args.device, dtype=args.dtype, bandwidth_bytes_per_sec=bw["bytes_per_sec"],
+            retries=args.retries)
         # the same roofline with the copy bandwidth (read + write counted), for comparison
         r["roofline_copy"] = {b: {**rf, "bound_tok_per_sec": rf["bound_tok_per_sec"] * bw["copy_bytes_per_sec"] /
                                   bw["bytes_per_sec"], "utilisation": rf["utilisation"] * bw["bytes_per_sec"] /
                                   bw["copy_bytes_per_sec"]} for b, rf in r["roofline"].items()}
         results.append(r)
 
-    first = results[0]["batches"]["1"]["tok_per_sec"] if "1" in results[0]["batches"] else None
-    for r in results:
-        r["ratio_batch1_vs_first"] = r["batches"]["1"]["tok_per_sec"] / first if first else None
+    from eval.interleaved import speed_ratio_in_subprocess
+
+    def spec(folder: Path) -> dict:
+        return {"engine": "transformers", "folder": str(folder), "device": args.device, "dtype": args.dtype}
+
+    for folder, r in zip(args.folders[1:], results[1:]):
+        r["vs_first"] = speed_ratio_in_subprocess(spec(args.folders[0]), spec(folder), prompt_tokens=args.prompt_tokens,
+                                                  new_tokens=args.new_tokens, rounds=args.rounds, retries=args.retries)
+
+    def ratio_text(r: dict, b: str) -> str:
+        if b != "1" or "vs_first" not in r:
+            return ""
+        v = r["vs_first"]
+        same = "~" if v["verdict"] == "no measurable difference" else ""
+        return f"{same}{v['ratio']:.2f} [{v['ratio_lo']:.2f}, {v['ratio_hi']:.2f}]"
+
+    def flag(r: dict, m: dict, b: str) -> str:
+        contended = m["contention"]["contended"] or (b == "1" and r.get("vs_first", {}).get("contention", {})
+                                                     .get("contended"))
+        return " CONTENDED" if contended else ""
 
     print(f"bandwidth {bw['bytes_per_sec'] / 1e9:.2f} GB/s (range {bw['bytes_per_sec_min'] / 1e9:.2f}-"
           f"{bw['bytes_per_sec_max'] / 1e9:.2f}; {bw['method']}); copy {bw['copy_bytes_per_sec'] / 1e9:.2f} GB/s "
@@ -71,17 +94,17 @@ def main(argv=None) -> int:
     print(f"engine transformers-eager, device {args.device}, dtype {args.dtype}, prompt {args.prompt_tokens}, "
           f"new {args.new_tokens}, repeats {args.repeats}, load avg {os.getloadavg()[0]:.2f}")
     print(f"{'folder':<28}{'batch':>6}{'tok/s':>9}{'(min-max)':>16}{'TTFT ms':>9}{'ms/tok':>8}{'bound':>8}"
-          f"{'util':>6}{'cp bnd':>8}{'cp util':>8}{'disk MB':>9}{'read MB':>9}{'peak MB':>9}{'vs 1st':>7}")
+          f"{'util':>6}{'cp bnd':>8}{'cp util':>8}{'disk MB':>9}{'read MB':>9}{'peak MB':>9}  vs 1st [95%, interleaved]")
     for r in results:
         for b, m in r["batches"].items():
             rf, rr = r["roofline"][b], r["roofline_copy"][b]
-            ratio = f"{r['ratio_batch1_vs_first']:.2f}" if b == "1" and r["ratio_batch1_vs_first"] else ""
+            ratio = ratio_text(r, b) + flag(r, m, b)
             print(f"{Path(r['folder']).name:<28}{b:>6}{m['tok_per_sec']:>9.1f}"
                   f"{m['tok_per_sec_min']:>8.1f}-{m['tok_per_sec_max']:<7.1f}{m['ttft_s'] * 1000:>9.1f}"
                   f"{m['ms_per_token']:>8.1f}{rf['bound_tok_per_sec']:>8.1f}{rf['utilisation']:>6.2f}"
                   f"{rr['bound_tok_per_sec']:>8.1f}{rr['utilisation']:>8.2f}"
                   f"{r['weight_bytes_stored'] / 1e6:>9.0f}{r['weight_bytes_in_memory'] / 1e6:>9.0f}"
-                  f"{r['peak_memory_bytes'] / 1e6:>9.0f}{ratio:>7}")
+                  f"{r['peak_memory_bytes'] / 1e6:>9.0f}  {ratio}")
     print("bound = read bandwidth / (weights in memory + KV at mean context) x batch; 'cp bnd' the same with the "
           "copy bandwidth; 'read MB' is the weights decode actually reads (compressed-tensors checkpoints "
           "are decompressed to the float dtype on the first forward); peak = process peak RSS (own process)")

@@ -15,8 +15,15 @@ token) plus its F16 KV cache; the baseline's, its fp32 weights and fp32 KV cache
 before the first row and after every row, and each row's bound uses the mean of the two probes around it: a shared
 host's bandwidth drifts by tens of percent within minutes (the `raw` records keep the figure passed to the worker).
 
+The ratio to the baseline ("x base") is not the quotient of those two medians, which were timed minutes apart on a
+machine whose load changes: each GGUF row is timed again against the baseline in interleaved rounds, both loaded
+in one process, A B / B A (eval/interleaved.py, `--rounds`), and the median ratio is printed with its
+distribution-free 95% interval; an interval containing 1 reads "no measurable difference". Every timed run is
+checked for other processes' CPU time and steal on our cores (eval/contention.py): a contended run or round is
+timed again (at most `--retries` more) and a row that never got a quiet machine is printed with "CONTENDED".
+
 Prints the table, then for the fastest 4-bit GGUF row its ratio to the baseline's tok/s and its utilisation, then
-JSON last. The load average before and after is printed and kept: figures from a busy machine mean little.
+JSON last. The load average before and after is printed and kept.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8, help="interleaved baseline/GGUF rounds per ratio")
+    p.add_argument("--retries", type=int, default=8, help="extra runs (rounds) allowed to replace contended ones")
     args = p.parse_args(argv)
 
     load_before = os.getloadavg()
@@ -67,6 +76,7 @@ def main(argv=None) -> int:
     from eval.engines import llamacpp
     from compress.environment import _cpu_model
     from eval.engines.transformers import benchmark_checkpoint_in_subprocess
+    from eval.interleaved import speed_ratio_in_subprocess
     from eval.throughput import measure_bandwidth
 
     files = [(f.stem, f, _bits_from_name(f)) for f in args.files] or _gguf_files(args.run)
@@ -74,7 +84,8 @@ def main(argv=None) -> int:
         p.error(f"no GGUF files given and none in {args.run / 'results.json'}")
     baseline = args.baseline or args.run / "baseline"
     threads = args.threads or list(range(1, available_cores() + 1))
-    shape = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats}
+    shape = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+             "retries": args.retries}
 
     from eval.throughput import bracketed, rebound
 
@@ -96,20 +107,28 @@ def main(argv=None) -> int:
              "read_bytes": rf["bytes_per_token"], "bandwidth": bw["bytes_per_sec"],
              "bandwidth_before_after": (bw["before_bytes_per_sec"], bw["after_bytes_per_sec"]),
              "bound": rf["bound_tok_per_sec"], "utilisation": rf["utilisation"], "peak_bytes": base["peak_memory_bytes"],
-             "ratio": 1.0, "raw": base}]
+             "ratio": 1.0, "ratio_interval": (1.0, 1.0), "verdict": "reference",
+             "contended": base["batches"]["1"]["contention"]["contended"], "raw": base}]
+    base_spec = {"engine": "transformers", "folder": str(baseline), "device": "cpu", "dtype": "float32"}
     for name, path, bits in files:
         for t in threads:
             r = llamacpp.decode_benchmark_in_subprocess(
                 path, threads=t, bandwidth_bytes_per_sec=probes[-1]["bytes_per_sec"], **shape)
             one = r["batches"]["1"]
             rf, bw = judged(r)
+            ratio = speed_ratio_in_subprocess(base_spec, {"engine": "llama.cpp", "path": str(path), "threads": t},
+                                              prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                              rounds=args.rounds, retries=args.retries)
             rows.append({"name": name, "engine": "llama.cpp", "threads": t, "bits": bits, "dtype": r["dtype"],
                          "tok_per_sec": one["tok_per_sec"], "ttft_s": one["ttft_s"],
                          "range": (one["tok_per_sec_min"], one["tok_per_sec_max"]), "read_bytes": rf["bytes_per_token"],
                          "bandwidth": bw["bytes_per_sec"],
                          "bandwidth_before_after": (bw["before_bytes_per_sec"], bw["after_bytes_per_sec"]),
                          "bound": rf["bound_tok_per_sec"], "utilisation": rf["utilisation"],
-                         "peak_bytes": r["peak_memory_bytes"], "ratio": one["tok_per_sec"] / base_tok, "raw": r})
+                         "peak_bytes": r["peak_memory_bytes"], "ratio": ratio["ratio"],
+                         "ratio_interval": (ratio["ratio_lo"], ratio["ratio_hi"]), "verdict": ratio["verdict"],
+                         "contended": one["contention"]["contended"] or ratio["contention"]["contended"],
+                         "interleaved": ratio, "raw": r})
     load_after = os.getloadavg()
 
     cpp = rows[1]["raw"]
@@ -125,22 +144,27 @@ def main(argv=None) -> int:
     print(f"shape: prompt {args.prompt_tokens} tokens, {args.new_tokens} generated, batch 1, 1 warm-up + "
           f"{args.repeats} timed runs each, median; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"{'row':<22}{'engine':<20}{'thr':>4}{'tok/s':>9}{'(min-max)':>16}{'TTFT ms':>9}{'read MB/tok':>12}"
-          f"{'GB/s':>6}{'bound':>8}{'util':>7}{'peak MB':>9}{'x base':>8}")
+          f"{'GB/s':>6}{'bound':>8}{'util':>7}{'peak MB':>9}  x base [95% interval, {args.rounds} interleaved rounds]")
     for r in rows:
+        lo, hi = r["ratio_interval"]
         print(f"{r['name']:<22}{r['engine']:<20}{r['threads']:>4}{r['tok_per_sec']:>9.1f}"
               f"{r['range'][0]:>8.1f}-{r['range'][1]:<7.1f}{r['ttft_s'] * 1000:>9.1f}{r['read_bytes'] / 1e6:>12.1f}"
               f"{r['bandwidth'] / 1e9:>6.1f}{r['bound']:>8.0f}{100 * r['utilisation']:>6.0f}%"
-              f"{r['peak_bytes'] / 1e6:>9.0f}{r['ratio']:>8.2f}")
+              f"{r['peak_bytes'] / 1e6:>9.0f}  {r['ratio']:.2f} [{lo:.2f}, {hi:.2f}]"
+              f"{' no measurable difference' if r['verdict'] == 'no measurable difference' else ''}"
+              f"{' CONTENDED' if r['contended'] else ''}")
     four = [r for r in rows[1:] if r["bits"] == 4]
     summary = None
     if four:
         best = max(four, key=lambda r: r["tok_per_sec"])
         summary = {"row": best["name"], "threads": best["threads"], "tok_per_sec": best["tok_per_sec"],
                    "baseline_tok_per_sec": base_tok, "ratio_vs_fp32_baseline": best["ratio"],
+                   "ratio_interval": best["ratio_interval"], "contended": best["contended"],
                    "utilisation": best["utilisation"], "bound_tok_per_sec": best["bound"],
                    "read_bytes_per_token": best["read_bytes"]}
         print(f"fastest 4-bit GGUF row: {best['name']} ({best['dtype']}), llama.cpp {best['threads']} thread(s): "
-              f"{best['tok_per_sec']:.1f} tok/s = {best['ratio']:.2f}x the fp32 transformers baseline "
+              f"{best['tok_per_sec']:.1f} tok/s; {best['ratio']:.2f}x [{best['ratio_interval'][0]:.2f}, "
+              f"{best['ratio_interval'][1]:.2f}] (interleaved rounds) the fp32 transformers baseline "
               f"({base_tok:.1f} tok/s, {base['threads']} threads); {100 * best['utilisation']:.0f}% of its "
               f"memory-bandwidth bound ({best['bound']:.0f} tok/s = {best['bandwidth'] / 1e9:.1f} GB/s / "
               f"{best['read_bytes'] / 1e6:.1f} MB per token)")

@@ -166,8 +166,14 @@ def _evaluation_rows(record: dict) -> list[str]:
         one = th["batches"].get("1")
         threads = f", {th['threads']} thread{'s' if th['threads'] != 1 else ''}" if th.get("threads") else ""
         if one:
+            busy = (" (⚠ timed while other processes used the CPU)"
+                    if (one.get("contention") or {}).get("contended") else "")
             rows.append(f"| decode, batch 1 ({th['engine']}{threads}, {th['device']}, {th['dtype']}) | "
-                        f"{one['tok_per_sec']:.1f} tok/s, TTFT {1000 * one['ttft_s']:.0f} ms |")
+                        f"{one['tok_per_sec']:.1f} tok/s, TTFT {1000 * one['ttft_s']:.0f} ms{busy} |")
+        if (sr := record.get("speed_ratio")) and sr.get("ratio") is not None:
+            verdict = " (no measurable difference)" if sr["verdict"] == "no measurable difference" else ""
+            rows.append(f"| decode speed ÷ the baseline's ({sr['rounds']} interleaved rounds, batch 1) | "
+                        f"{sr['ratio']:.2f} [{sr['ratio_lo']:.2f}, {sr['ratio_hi']:.2f}]{verdict} |")
         if rf := record.get("roofline"):
             rows.append(f"| roofline: {rf['bytes_per_token'] / 1e6:.1f} MB read per token, bound "
                         f"{rf['bound_tok_per_sec']:.0f} tok/s | {100 * rf['utilisation']:.0f} % of the bound |")

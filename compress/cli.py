@@ -1,4 +1,4 @@
-"""`compress run RECIPE.yaml [--dry-run]`, `compress plan RECIPE.yaml`, `compress report RUN_DIR [...]`.
+"""`compress run RECIPE.yaml [--dry-run] [--remeasure-speed]`, `compress plan RECIPE.yaml`, `compress report RUN_DIR [...]`.
 
 Exit codes: 0 every variant ok, 1 some variant failed (the others are still written), 2 bad input (nothing
 written).
@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="build (or reuse) every variant's checkpoint and write results.json")
     run.add_argument("recipe", type=Path)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    run.add_argument("--remeasure-speed", action="store_true",
+                     help="time every row's decode speed again (e.g. on a quieter machine); accuracy stays cached")
     plan = sub.add_parser("plan", parents=[common],
                           help="the plan and the GPU memory planner (weights + KV per GPU); no weights loaded")
     plan.add_argument("recipe", type=Path)
@@ -70,7 +72,7 @@ def _main(args) -> int:
             return 0
         from compress.run import run
 
-        return run(recipe, args.recipe)
+        return run(recipe, args.recipe, remeasure_speed=args.remeasure_speed)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

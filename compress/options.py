@@ -287,6 +287,13 @@ class ThroughputSettings(_Strict):
     # where another process holds a core, llama.cpp's spin-waiting threads collapse and 1 thread is faster: this
     # is a setting because the best value is a property of the machine, measured by benchmarks/edge_speed.py.
     llamacpp_threads: int | None = Field(None, gt=0)
+    # speed ratios (x baseline) come from interleaved rounds, baseline and variant alternated in one process
+    # (eval/interleaved.py); 8 rounds make the 95% interval of the median ratio [min, max] (99.2% coverage)
+    rounds: int = Field(8, gt=0)
+    # a timed run (or round) during which other processes used, or the hypervisor stole, more than
+    # `contention_threshold` of our cores' CPU time is timed again, at most `retries` more times; then it is flagged
+    retries: int = Field(8, ge=0)
+    contention_threshold: float = Field(0.10, gt=0, le=1)
 
 
 class PlannerSettings(_Strict):

@@ -75,6 +75,20 @@ class Recovery(_Block):
     ci95: list[Num | None] | None = None
 
 
+class Contention(_Block):
+    """eval/contention.summary: how many timed windows other processes (or the hypervisor) took CPU time in."""
+
+    contended: bool
+    windows: int | None = None
+    windows_contended: int | None = None
+    retries: int | None = None
+    max_others_cpu_share: Num | None = None
+    max_steal_share: Num | None = None
+    used_max_others_cpu_share: Num | None = None
+    judged: bool | None = None
+    rule: str | None = None
+
+
 class DecodeRow(_Block):
     """eval/throughput.timed_runs: one batch size's decode figures."""
 
@@ -87,6 +101,7 @@ class DecodeRow(_Block):
     ms_per_token: Num | None = None
     tokens_decoded: int | None = None
     decode_steps: int | None = None
+    contention: Contention | None = None
 
 
 class Throughput(_Block):
@@ -113,6 +128,31 @@ class Throughput(_Block):
     rss_now_bytes: int | None = None
     folder: str | None = None
     file: str | None = None
+
+
+class SpeedRatio(_Block):
+    """eval/interleaved.interleave: the row's decode speed over the baseline's, from interleaved rounds, with the
+    distribution-free interval of the median ratio; `skipped` says why there is none."""
+
+    ratio: Num | None = None
+    ratio_lo: Num | None = None
+    ratio_hi: Num | None = None
+    coverage: Num | None = None
+    level: Num | None = None
+    verdict: str | None = None
+    rounds: int | None = None
+    rounds_run: int | None = None
+    baseline_tok_per_sec: Num | None = None
+    tok_per_sec: Num | None = None
+    contention: Contention | None = None
+    method: str | None = None
+    baseline_engine: dict | None = None
+    engine: dict | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    batch: int | None = None
+    per_round: list[dict] | None = None
+    skipped: str | None = None
 
 
 class Roofline(_Block):
@@ -191,6 +231,7 @@ class Record(BaseModel):
     tasks: dict[str, TaskScore] | None = None
     tasks_engine: str | None = None
     throughput: Throughput | None = None
+    speed_ratio: SpeedRatio | None = None
     roofline: Roofline | None = None
     recovery: dict[str, Recovery] | None = None
     evaluate_peak_memory_bytes: int | None = None

@@ -30,9 +30,9 @@ from compress.recipe import Recipe
 log = logging.getLogger("compress")
 
 
-def run(recipe: Recipe, recipe_path: Path) -> int:
+def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False) -> int:
     """Build every variant, measure it, write results.json and the report. Returns the exit code: 0 all ok, 1 some
-    variant (or the evaluation) failed."""
+    variant (or the evaluation) failed. `remeasure_speed`: time every row again, reusing the cached accuracy."""
     from tqdm import tqdm
 
     from compress.environment import configure_cpu, environment, release_freed_memory
@@ -83,7 +83,7 @@ def run(recipe: Recipe, recipe_path: Path) -> int:
         _write(results, records, output)
     add_kv_memory(recipe, records, config)
     if recipe.evaluation.enabled:
-        failed += measure(recipe, output, records, device, dtype, source_info, results)
+        failed += measure(recipe, output, records, device, dtype, source_info, results, remeasure_speed)
         _write(results, records, output)
     from compress.report import write_report
 
@@ -131,7 +131,7 @@ def build(job: Job, v) -> dict:
 
 
 def measure(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype, source_info: dict,
-            results: Results) -> int:
+            results: Results, remeasure_speed: bool = False) -> int:
     """Evaluate every ok variant (eval/measure.py), then refresh the model cards with the figures. Returns the
     number of failures (0 or 1: an evaluation that failed is one line in results.json)."""
     from compress.card import model_card
@@ -139,7 +139,7 @@ def measure(recipe: Recipe, output: Path, records: dict[str, dict], device: str,
 
     failed = 0
     try:
-        for key, value in evaluate_run(recipe, output, records, device, dtype).items():
+        for key, value in evaluate_run(recipe, output, records, device, dtype, remeasure_speed).items():
             setattr(results, key, value)  # the run's evaluation settings and bandwidth
     except (InputError, KeyboardInterrupt):
         raise

@@ -5,6 +5,8 @@
     accuracy.py     lm-eval tasks (tasks/*.yaml: local data, no hub)
     recovery.py     task score vs the baseline, with a paired bootstrap interval
     throughput.py   memory bandwidth, decode timing statistics, the roofline
+    interleaved.py  speed ratios from alternating rounds of two checkpoints, with a distribution-free interval
+    contention.py   the CPU time other processes (and the hypervisor) took around each timed run
     kvcache.py      KV-cache formats applied as each key and value enters the cache
     engines/        transformers and llama.cpp: loading, logits, the decode benchmark
 

@@ -4,9 +4,16 @@ What is measured is what ships: each variant is reloaded from its checkpoint fol
 format (eval/engines/: transformers for Hugging Face folders, llama.cpp for GGUF files), as a user would. The
 baseline is evaluated first and kept loaded as the KL reference, so both models see identical token windows.
 
-Results are cached per variant in `<output>/eval/<variant>.json` under an evaluation key (the checkpoint's cache
-key, the evaluation settings, the data files' digests, the lm-eval version), so a rerun re-measures only what
-changed, and a killed evaluation continues with the next unmeasured variant. Per-item task scores stay in those
+Results are cached per variant in `<output>/eval/<variant>.json` under two keys: the evaluation key (the
+checkpoint's cache key, the evaluation settings, the data files' digests, the lm-eval version) for what does not
+depend on the moment (perplexity, KL, tasks), and the speed key (the checkpoint's and the baseline's cache keys,
+the throughput settings) for the speed figures, which `compress run --remeasure-speed` measures again alone, e.g.
+once the machine is quiet. A rerun re-measures only what changed, and a killed evaluation continues with the next
+unmeasured variant.
+
+Speed: each row's absolute tok/s comes from its own process (so its peak memory is its own), every timed run
+checked for contention (eval/contention.py); its ratio to the baseline comes from interleaved rounds of the two in
+one process (eval/interleaved.py), with an interval, never from two medians timed minutes apart. Per-item task scores stay in those
 files; results.json gets the summary figures, and recovery (paired bootstrap) is computed from the items.
 """
 
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("compress")
 
 EVAL_FORMAT = 2  # bump when what an eval/<variant>.json holds changes, so older measurements are redone
+SPEED_FORMAT = 1  # the same for its speed figures alone
+# what an eval/<variant>.json holds from the speed measurement, replaced as a whole when it is measured again
+SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio")
 
 
 def check_inputs(ev: Evaluation) -> None:
@@ -61,26 +71,41 @@ def evaluation_files(ev: Evaluation) -> set[Path]:
 
 
 def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) -> str:
+    """The key of a variant's perplexity, KL and task figures: what they depend on, and nothing about speed."""
     import lm_eval
 
     data_dir = Path(ev.data_dir).expanduser()
-    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff"})
-    if gguf:  # llama.cpp's attention kernel changes both the logits and the speed of GGUF rows
+    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput"})
+    if gguf:  # llama.cpp's attention kernel changes the logits of GGUF rows
         from compress.llamacpp import FLASH_ATTENTION  # a constant: importing it does not load llama_cpp
 
         settings["llamacpp_flash_attention"] = FLASH_ATTENTION
-    if settings["throughput"]:
-        if not gguf:  # llama.cpp's threads change only the figures of GGUF rows
-            settings["throughput"].pop("llamacpp_threads")
-        # what the roofline divides by: figures cached under another bandwidth probe are measured again, so one
-        # report never mixes two definitions of the bound
-        from eval.throughput import BANDWIDTH_PROBE
-
-        settings["throughput"]["bandwidth_probe"] = BANDWIDTH_PROBE
     blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
             "ppl_file": sha256_file(data_dir / ev.perplexity.file)[:16] if ev.perplexity else None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str) -> str | None:
+    """The key of a variant's speed figures: its checkpoint, the baseline it is interleaved with, the throughput
+    settings, the bandwidth probe, the engine settings of GGUF rows; None when throughput is off."""
+    if ev.throughput is None:
+        return None
+    from eval.interleaved import METHOD
+    from eval.throughput import BANDWIDTH_PROBE
+
+    settings = ev.throughput.model_dump()
+    gguf = bool(record.get("gguf"))
+    if gguf:  # llama.cpp's threads and attention kernel change only the figures of GGUF rows
+        from compress.llamacpp import FLASH_ATTENTION
+
+        settings["llamacpp_flash_attention"] = FLASH_ATTENTION
+    else:
+        settings.pop("llamacpp_threads")
+    blob = {"format": SPEED_FORMAT, "checkpoint": record["cache_key"], "device": device, "settings": settings,
+            "baseline": base["cache_key"] if base and base["name"] != record["name"] else None,
+            "bandwidth_probe": BANDWIDTH_PROBE, "ratio_method": METHOD}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -97,8 +122,10 @@ def _read_cached(path: Path) -> dict | None:
     return cached if isinstance(cached, dict) else None
 
 
-def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype) -> dict:
-    """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures."""
+def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,
+                 remeasure_speed: bool = False) -> dict:
+    """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
+    `remeasure_speed`: time every row again even where its cached speed figures are current."""
     from tqdm import tqdm
 
     from compress.environment import release_freed_memory, reset_peak_memory
@@ -109,22 +136,36 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     names = sorted((n for n, r in records.items() if r["status"] == "ok"),
                    key=lambda n: records[n]["method"] != "baseline")
     base_name = next((n for n in names if records[n]["method"] == "baseline"), None)
+    base = records.get(base_name)
     shared = {"reference": None, "ppl_ids": None}  # the baseline model (KL reference) and the perplexity tokens
     measured: dict[str, dict] = {}
     for name in tqdm(names, desc="evaluate", unit="variant"):
         record = records[name]
         key = eval_key(ev, record["cache_key"], device, gguf=bool(record.get("gguf")))
+        skey = speed_key(ev, record, base, device)
         path = eval_dir / f"{name}.json"
         cached = _read_cached(path)
+        quality = None
         if cached and cached.get("eval_key") == key:
-            log.info("stage evaluate: %s unchanged, reusing %s", name, path)
-            measured[name] = cached
-            continue
-        log.info("stage evaluate: %s from %s", name, record["checkpoint"])
-        release_freed_memory()
-        reset_peak_memory(device)  # this variant's peak (the baseline stays loaded as the KL reference)
-        measured[name] = measure_variant(recipe, record, key, device, dtype, records.get(base_name), shared)
-        ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
+            quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS}
+            if skey is None or (cached.get("speed_key") == skey and not remeasure_speed):
+                log.info("stage evaluate: %s unchanged, reusing %s", name, path)
+                measured[name] = cached
+                continue
+        if quality is None:
+            log.info("stage evaluate: %s from %s", name, record["checkpoint"])
+            release_freed_memory()
+            reset_peak_memory(device)  # this variant's peak (the baseline stays loaded as the KL reference)
+            quality = measure_variant(recipe, record, key, device, dtype, base, shared)
+            # kept before speed is timed: a run killed while timing keeps the tasks it measured
+            ownership.write_owned(output, f"eval/{name}.json", json.dumps(quality, indent=2) + "\n")
+        else:
+            log.info("stage evaluate: %s: perplexity and tasks unchanged (cached), timing its speed", name)
+        measured[name] = quality
+        if skey is not None:
+            speed = measure_speed(ev, record, base, measured.get(base_name), device, dtype)
+            measured[name] = {**quality, **speed, "speed_key": skey}
+            ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
     _summarize(measured, records, base_name)
     return _run_info(ev, measured)
 
@@ -162,11 +203,6 @@ def measure_variant(recipe: Recipe, record: dict, key: str, device: str, dtype, 
         result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(), num_fewshot=ev.num_fewshot,
                                     limit=ev.limit, batch_size=ev.batch_size, device=device)
         result["tasks_engine"] = ("transformers, GGUF dequantized on load" if gguf else "transformers")
-    if ev.throughput and record.get("kv_cache"):
-        log.info("stage throughput: %s skipped: transformers only simulates its KV format, so its decode speed "
-                 "would not be that of an engine storing the cache that way", name)
-    elif ev.throughput:
-        result.update(_throughput(ev.throughput, name, folder, gguf, device, dtype))
     if is_base:
         shared["reference"] = model  # the KL reference for every later variant
     del model
@@ -201,31 +237,90 @@ def _perplexity(ev: Evaluation, name: str, folder: Path, gguf: dict | None, mode
     return {"perplexity": {**p, "file": str(data_dir / ev.perplexity.file), "engine": engine}, "kl": kl}
 
 
+def measure_speed(ev: Evaluation, record: dict, base: dict | None, base_measured: dict | None, device: str,
+                  dtype) -> dict:
+    """A row's speed figures: absolute decode tok/s in its engine (`_throughput`) and, for every row but the
+    baseline, its ratio to the baseline from interleaved rounds (`_ratio`). KV-cache rows get none: transformers
+    only simulates their KV format, so their decode speed would not be that of an engine storing the cache so."""
+    name = record["name"]
+    if record.get("kv_cache"):
+        log.info("stage throughput: %s skipped: transformers only simulates its KV format, so its decode speed "
+                 "would not be that of an engine storing the cache that way", name)
+        return {}
+    out = _throughput(ev.throughput, name, Path(record["checkpoint"]), record.get("gguf"), device, dtype)
+    if base is not None and name != base["name"] and (base_measured or {}).get("throughput"):
+        out["speed_ratio"] = _ratio(ev.throughput, record, base, base_measured, out, device, dtype)
+    return out
+
+
+def _spec(record: dict, t, device: str, dtype) -> dict:
+    """How eval/interleaved opens a row: its engine and where its weights are."""
+    folder, gguf = Path(record["checkpoint"]), record.get("gguf")
+    if gguf:
+        return {"engine": "llama.cpp", "path": str(folder / gguf["file"]), "threads": t.llamacpp_threads}
+    return {"engine": "transformers", "folder": str(folder), "device": device,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _ratio(t, record: dict, base: dict, base_measured: dict, speed: dict, device: str, dtype) -> dict:
+    """The row's speed ratio to the baseline, from `t.rounds` interleaved batch-1 rounds of both in one process
+    (eval/interleaved.py). Both must fit in memory at once; when they do not, the ratio is not measured (and the
+    report says why) rather than taken from two medians timed apart."""
+    from compress.resources import available_memory_bytes
+    from eval.interleaved import speed_ratio_in_subprocess
+
+    name = record["name"]
+    need = base_measured["throughput"]["weight_bytes_in_memory"] + speed["throughput"]["weight_bytes_in_memory"]
+    if str(device).startswith("cuda"):
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = available_memory_bytes()
+    if free is not None and need * 1.25 + (512 << 20) > free:
+        log.warning("stage speed-ratio: %s not measured: it and the baseline (%.1f GB together) do not fit in the "
+                    "%.1f GB free", name, need / 1e9, free / 1e9)
+        return {"skipped": f"the variant and the baseline need {need / 1e9:.1f} GB together, {free / 1e9:.1f} GB "
+                           f"free: the interleaved ratio needs both loaded at once"}
+    log.info("stage speed-ratio: %s vs %s, %d interleaved rounds (batch 1, own process)", name, base["name"],
+             t.rounds)
+    out = speed_ratio_in_subprocess(_spec(base, t, device, dtype), _spec(record, t, device, dtype),
+                                    prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, rounds=t.rounds,
+                                    retries=t.retries, threshold=t.contention_threshold)
+    log.info("stage speed-ratio: %s %.3fx the baseline [%.3f, %.3f] (%s)%s", name, out["ratio"], out["ratio_lo"],
+             out["ratio_hi"], out["verdict"], ", CONTENDED" if out["contention"]["contended"] else "")
+    return out
+
+
 def _throughput(t, name: str, folder: Path, gguf: dict | None, device: str, dtype) -> dict:
     """Decode benchmark in the row's engine, in its own process, between two bandwidth probes; the roofline of each
-    batch size against their mean (a shared host's bandwidth drifts)."""
+    batch size against their mean (a shared host's bandwidth drifts). Contended timed runs are timed again
+    (`t.retries`), and a row that never got a quiet machine is flagged."""
     from eval import throughput
 
     log.info("stage bandwidth: measuring %s memory read bandwidth (large read-only stream)", device)
     bandwidth = throughput.measure_bandwidth(device=device)
+    shape = {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens, "repeats": t.repeats,
+             "retries": t.retries, "threshold": t.contention_threshold,
+             "bandwidth_bytes_per_sec": bandwidth["bytes_per_sec"]}
     if gguf:
         from eval.engines.llamacpp import decode_benchmark_in_subprocess
 
         log.info("stage throughput: %s with llama.cpp (%s threads), %d prompt + %d new tokens, batch 1, "
                  "%d repeats (own process)", name, t.llamacpp_threads or "all", t.prompt_tokens, t.new_tokens,
                  t.repeats)
-        bench = decode_benchmark_in_subprocess(
-            folder / gguf["file"], prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, repeats=t.repeats,
-            threads=t.llamacpp_threads, bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
+        bench = decode_benchmark_in_subprocess(folder / gguf["file"], threads=t.llamacpp_threads, **shape)
     else:
         from eval.engines.transformers import benchmark_checkpoint_in_subprocess
 
         log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
                  name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
-        bench = benchmark_checkpoint_in_subprocess(
-            folder, prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, batch_sizes=t.batch_sizes,
-            repeats=t.repeats, device=device, dtype=str(dtype).removeprefix("torch."),
-            bandwidth_bytes_per_sec=bandwidth["bytes_per_sec"])
+        bench = benchmark_checkpoint_in_subprocess(folder, batch_sizes=t.batch_sizes, device=device,
+                                                   dtype=str(dtype).removeprefix("torch."), **shape)
+    contended = [b for b, r in bench["batches"].items() if r["contention"]["contended"]]
+    if contended:
+        log.warning("stage throughput: %s batch %s timed under contention (other processes on these cores after "
+                    "%d retries): flagged", name, ", ".join(contended), t.retries)
     bandwidth = throughput.bracketed(bandwidth, throughput.measure_bandwidth(device=device))
     rooflines = {b: throughput.rebound(rf, bandwidth["bytes_per_sec"]) for b, rf in bench.pop("roofline").items()}
     roofline = rooflines.get("1") or next(iter(rooflines.values()))
@@ -239,7 +334,9 @@ def _summarize(measured: dict[str, dict], records: dict[str, dict], base_name: s
     from eval.recovery import recovery
 
     for name, result in measured.items():
-        summary = {k: v for k, v in result.items() if k not in ("eval_key", "bandwidth")}
+        summary = {k: v for k, v in result.items() if k not in ("eval_key", "speed_key", "bandwidth")}
+        if "per_round" in summary.get("speed_ratio", {}):  # the rounds stay in eval/<variant>.json
+            summary["speed_ratio"] = {k: v for k, v in summary["speed_ratio"].items() if k != "per_round"}
         if "tasks" in summary:
             summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
         records[name].update(summary)

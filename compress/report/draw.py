@@ -81,10 +81,17 @@ def _scatter(ax, plot: Plot, hovers: list[Hover]) -> list:
     handles = []
     for p in plot.marks:
         colour = plot.colours[p.name]
-        _mark(ax.scatter([p.x], [p.y], s=50, color=colour, edgecolors="#333", linewidths=0.6, zorder=3),
-              hovers, "point", p.name, p.title)
-        handles.append(Line2D([], [], marker="o", linestyle="", color=colour, markeredgecolor="#333",
+        if p.x_lo is not None and p.x_hi is not None and p.x_hi > p.x_lo:  # drawn from its ends, as measured
+            ax.errorbar([(p.x_lo + p.x_hi) / 2], [p.y], xerr=[(p.x_hi - p.x_lo) / 2], zorder=2,
+                        **{**CI, "ecolor": colour})
+        face = "white" if p.flagged else colour  # hollow: timed while other processes used the machine
+        _mark(ax.scatter([p.x], [p.y], s=50, color=face, edgecolors=colour if p.flagged else "#333",
+                         linewidths=1.6 if p.flagged else 0.6, zorder=3), hovers, "point", p.name, p.title)
+        handles.append(Line2D([], [], marker="o", linestyle="", color=face, markeredgecolor="#333",
                               label=_short(p.name)))
+    if any(p.flagged for p in plot.marks):
+        handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="#333",
+                              label="hollow: timed under contention"))
     if plot.front:
         at = {p.name: p for p in plot.marks}
         line, = ax.plot([at[n].x for n in plot.front], [at[n].y for n in plot.front], zorder=2, **FRONT)

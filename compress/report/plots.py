@@ -24,6 +24,9 @@ class Point(NamedTuple):
     x: float
     y: float
     title: str  # the hover text
+    x_lo: float | None = None  # the interval of x, when x was measured with one (the speed ratio)
+    x_hi: float | None = None
+    flagged: bool = False  # timed while other processes used the machine: drawn hollow, said in the hover
 
 
 class Bar(NamedTuple):
@@ -63,16 +66,26 @@ def colours(names: list[str]) -> dict[str, str]:
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
 
 
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the points no other point beats on both axes (x = tok/s, y = accuracy; higher is better for both).
+def pareto_front(points) -> list[str]:
+    """Names of the points no other point beats on both axes (x = speed, y = accuracy; higher is better for both).
 
-    A point is dominated when another is at least as good on both axes and strictly better on one; what remains
-    is the set of reasonable choices, each buying speed only with accuracy. Equal points are all kept. The result
-    is ordered by x ascending, which is the order to draw the front in.
+    A point is dominated when another is at least as good on both axes and better on one; what remains is the set
+    of reasonable choices, each buying speed only with accuracy. Where x has an interval (x_lo, x_hi), "at least
+    as fast" must hold for the whole interval: q beats p on speed only when q's lower end is at or above p's upper
+    end, so two variants whose speed intervals overlap are never ranked by speed (the front keeps both, unless one
+    loses on accuracy with the other surely as fast). Equal points are all kept. Ordered by x ascending, the order
+    to draw the front in. Points are Point or (name, x, y, ...) tuples.
     """
-    front = [(x, y, name) for name, x, y, *_ in points
-             if not any(qx >= x and qy >= y and (qx > x or qy > y) for _, qx, qy, *_ in points)]
-    return [name for x, y, name in sorted(front, key=lambda p: (p[0], -p[1]))]
+    def ends(p) -> tuple[float, float]:
+        lo, hi = getattr(p, "x_lo", None), getattr(p, "x_hi", None)
+        return (p[1] if lo is None else lo, p[1] if hi is None else hi)
+
+    def beats(q, p) -> bool:
+        (q_lo, _), (_, p_hi) = ends(q), ends(p)
+        return q_lo >= p_hi and q[2] >= p[2] and (q_lo > p_hi or q[2] > p[2])
+
+    front = [p for p in points if not any(beats(q, p) for q in points if q is not p)]
+    return [p[0] for p in sorted(front, key=lambda p: (p[1], -p[2]))]
 
 
 def plots(rows: list[dict], variants: list[dict]) -> list[Plot]:
@@ -91,12 +104,20 @@ def _skipped(rows: list[dict], kept: set[str], why: str) -> list[str]:
 
 
 def _scatter(rows: list[dict], palette: dict, x_key: str, x_scale: float, x_unit: str, *, title: str,
-             x_label: str, needs: str, lacks: str, front: bool = False) -> Plot:
+             x_label: str, needs: str, lacks: str, front: bool = False, x_spec: str = ".1f") -> Plot:
     """Average task score (%) against one figure of the rows (row[x_key] * x_scale, in x_unit), for every ok
     variant that has both; `needs` and `lacks` name that figure in the notes ("a size" / "size")."""
-    pts = [Point(r["name"], r[x_key] * x_scale, r["average_score"] * 100,
-                 f"{r['name']}: {r[x_key] * x_scale:.1f} {x_unit}, {r['average_score'] * 100:.1f} %")
-           for r in rows if r["status"] == "ok" and r[x_key] is not None and r["average_score"] is not None]
+    def point(r: dict) -> Point:
+        x, lo, hi = r[x_key] * x_scale, r.get(x_key + "_lo"), r.get(x_key + "_hi")
+        interval = f" [{lo * x_scale:.2f}, {hi * x_scale:.2f}]" if lo is not None and hi is not None and hi > lo else ""
+        flagged = bool(r.get("speed_contended")) and x_key.startswith("tok_per_sec")
+        title = (f"{r['name']}: {x:{x_spec}}{interval} {x_unit}, {r['average_score'] * 100:.1f} %"
+                 + (" (timed under contention)" if flagged else ""))
+        return Point(r["name"], x, r["average_score"] * 100, title,
+                     None if lo is None else lo * x_scale, None if hi is None else hi * x_scale, flagged)
+
+    pts = [point(r) for r in rows
+           if r["status"] == "ok" and r[x_key] is not None and r["average_score"] is not None]
     if not pts:
         notes = [f"No variant has both {needs} and a score on every task: nothing to plot."]
     else:
@@ -111,10 +132,14 @@ def accuracy_vs_size(rows: list[dict], palette: dict) -> Plot:
 
 
 def accuracy_vs_speed(rows: list[dict], palette: dict) -> Plot:
-    """Accuracy against batch-1 decode speed, with the Pareto front: the variants worth choosing between."""
-    return _scatter(rows, palette, "tok_per_sec_b1", 1.0, "tok/s", title="Accuracy vs decode speed (batch 1)",
-                    x_label="decode throughput at batch 1 (tokens/s, median)", needs="a batch-1 throughput",
-                    lacks="throughput", front=True)
+    """Accuracy against batch-1 decode speed relative to the baseline, each point with the interval of its
+    interleaved ratio, and the Pareto front computed on those intervals: the variants worth choosing between.
+    The ratio (not absolute tok/s) is plotted because it is the figure measured under the same conditions as the
+    baseline; a row timed under contention is drawn hollow."""
+    return _scatter(rows, palette, "tok_per_sec_vs_baseline", 1.0, "× baseline",
+                    title="Accuracy vs decode speed (batch 1)",
+                    x_label="decode tok/s ÷ baseline's (median of interleaved rounds, 95% interval)",
+                    needs="an interleaved speed ratio", lacks="speed ratio", front=True, x_spec=".2f")
 
 
 def recovery(rows: list[dict], variants: list[dict], palette: dict) -> Plot:

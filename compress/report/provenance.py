@@ -190,6 +190,34 @@ def _throughput(ok: list[dict]) -> list[str]:
     if any(r.get("bnb") for r in ok):
         lines.append("bitsandbytes rows run in transformers with bitsandbytes' CPU kernels, which dequantize the "
                      "4-bit/8-bit weights inside every matmul.")
+    return lines + _speed_ratios(ok)
+
+
+def _speed_ratios(ok: list[dict]) -> list[str]:
+    """How the × baseline figures were taken, and which rows were timed while other processes used the cores."""
+    from compress.report.rows import speed_contended
+
+    lines = []
+    ratios = [r for r in ok if _get(r, "speed_ratio", "ratio") is not None]
+    if ratios:
+        sr = ratios[0]["speed_ratio"]
+        rounds = sorted({r["speed_ratio"]["rounds"] for r in ratios})
+        lines.append(f"× baseline tok/s: {_v(sr.get('method'))}; {', '.join(map(str, rounds))} rounds per row, "
+                     f"batch 1, {_v(sr.get('prompt_tokens'))} prompt + {_v(sr.get('new_tokens'))} generated tokens; "
+                     f"the interval is at least {100 * sr['level']:.0f}% (distribution-free); an interval that "
+                     f"contains 1 reads \"no measurable difference\".")
+    for r in ok:
+        if why := _get(r, "speed_ratio", "skipped"):
+            lines.append(f"× baseline tok/s not measured for {r['name']}: {why}.")
+    rules = [_get(r, "throughput", "batches", b, "contention", "rule") for r in ok
+             for b in _get(r, "throughput", "batches") or {}]
+    rule = next((x for x in rules if x), None)
+    if rule:
+        lines.append(f"contention: {rule}.")
+    flagged = [r["name"] for r in ok if speed_contended(r)]
+    if flagged:
+        lines.append(f"⚠ timed under contention (after their retries; their tok/s are what a busy machine gave, "
+                     f"their ratios were still taken in interleaved rounds): {', '.join(flagged)}.")
     return lines
 
 

@@ -63,6 +63,32 @@ def average_score(rec: dict, tasks: list[str]) -> float | None:
     return sum(values) / len(values)
 
 
+def speed_ratio(rec: dict, base: dict | None) -> dict:
+    """The row's decode speed over its baseline's, as eval/interleaved measured it (both checkpoints alternated
+    in rounds, so both saw the same machine): median ratio, its interval, and the verdict. The baseline's own is
+    1 exactly. A row without interleaved rounds gets none: the quotient of two medians timed minutes apart is
+    what a busy machine fakes, so it is not shown in its place."""
+    if base is not None and rec is base and _get(rec, "throughput"):
+        return {"tok_per_sec_vs_baseline": 1.0, "tok_per_sec_vs_baseline_lo": 1.0,
+                "tok_per_sec_vs_baseline_hi": 1.0, "speed_verdict": "reference"}
+    ratio = _get(rec, "speed_ratio", "ratio")
+    return {"tok_per_sec_vs_baseline": ratio,
+            "tok_per_sec_vs_baseline_lo": _get(rec, "speed_ratio", "ratio_lo") if ratio is not None else None,
+            "tok_per_sec_vs_baseline_hi": _get(rec, "speed_ratio", "ratio_hi") if ratio is not None else None,
+            "speed_verdict": _get(rec, "speed_ratio", "verdict")}
+
+
+def speed_contended(rec: dict) -> bool | None:
+    """Whether any of the row's speed figures came from timed windows that other processes shared (after its
+    retries): its batch-1..n decode rows or its interleaved ratio. None when it has no speed figures."""
+    if not _get(rec, "throughput"):
+        return None
+    flags = [_get(rec, "throughput", "batches", b, "contention", "contended")
+             for b in _get(rec, "throughput", "batches") or {}]
+    flags.append(_get(rec, "speed_ratio", "contention", "contended"))
+    return any(bool(f) for f in flags)
+
+
 def variant_rows(results: dict) -> list[dict]:
     """One dict of raw figures per variant: the CSV rows, and what the Markdown and HTML tables format.
 
@@ -78,7 +104,6 @@ def variant_rows(results: dict) -> list[dict]:
         weights = rec.get("weights_bytes")
         base_weights = base.get("weights_bytes") if base else None
         b1 = _get(rec, "throughput", "batches", "1") or {}
-        base_tok = _get(base, "throughput", "batches", "1", "tok_per_sec")
         row = {
             "name": rec.get("name"), "run": rec.get("run"), "method": rec.get("method"),
             "scheme": rec.get("scheme"), "bits": rec.get("bits"),
@@ -101,7 +126,8 @@ def variant_rows(results: dict) -> list[dict]:
             "engine": engine_text(rec.get("throughput")),
             "tok_per_sec_b1": b1.get("tok_per_sec"),
             "tok_per_sec_b1_min": b1.get("tok_per_sec_min"), "tok_per_sec_b1_max": b1.get("tok_per_sec_max"),
-            "tok_per_sec_vs_baseline": b1["tok_per_sec"] / base_tok if b1.get("tok_per_sec") and base_tok else None,
+            **speed_ratio(rec, base),
+            "speed_contended": speed_contended(rec),
             "ttft_s_b1": b1.get("ttft_s"),
             "peak_memory_bytes": _get(rec, "throughput", "peak_memory_bytes"),
             "bytes_read_per_token": _get(rec, "roofline", "bytes_per_token"),
@@ -163,6 +189,22 @@ def _status_text(r: dict) -> str:
     return f"{r['status']}: {r['error']}" if r["error"] else str(r["status"])
 
 
+CONTENDED = "⚠ contended"  # what a row timed while other processes used its cores says, wherever it is shown
+
+
+def ratio_text(r: dict) -> str:
+    """'0.86 [0.84, 0.88]', '1.01 [0.97, 1.04] no measurable difference', '1 (reference)', or —."""
+    ratio, lo, hi = r["tok_per_sec_vs_baseline"], r["tok_per_sec_vs_baseline_lo"], r["tok_per_sec_vs_baseline_hi"]
+    if ratio is None:
+        return DASH
+    if r["speed_verdict"] == "reference":
+        return "1 (reference)"
+    text = f"{ratio:.2f} [{lo:.2f}, {hi:.2f}]"
+    if r["speed_verdict"] == "no measurable difference":
+        text += " no measurable difference"
+    return text + (f" {CONTENDED}" if r["speed_contended"] else "")
+
+
 Column = tuple[str, Callable[[dict], str]]
 
 
@@ -186,8 +228,9 @@ def display_columns(tasks: list[str], variants: list[dict]) -> list[Column]:
     cols += [
         ("avg recovery (% [95% CI])", _recovery_text),
         ("decode engine", lambda r: r["engine"] or DASH),
-        ("tok/s (batch 1)", lambda r: _fmt(r["tok_per_sec_b1"], ".1f")),
-        ("× baseline tok/s", lambda r: _fmt(r["tok_per_sec_vs_baseline"], ".2f")),
+        ("tok/s (batch 1)", lambda r: _fmt(r["tok_per_sec_b1"], ".1f") + (f" {CONTENDED}" if r["speed_contended"]
+                                                                           else "")),
+        ("× baseline tok/s [95% interval, interleaved]", ratio_text),
         ("TTFT (ms)", lambda r: _fmt(r["ttft_s_b1"], ".0f", 1000)),
         ("peak memory (MB)", lambda r: _fmt(r["peak_memory_bytes"], ".0f", 1 / MB)),
         ("read per token (MB)", lambda r: _fmt(r["bytes_read_per_token"], ".1f", 1 / MB)),

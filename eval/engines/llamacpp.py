@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from compress import llamacpp
+from eval import contention
 from eval.throughput import PROMPT_SENTENCE, check_new_tokens, process_memory, repeat_prompt, roofline, timed_runs
 
 
@@ -37,8 +38,24 @@ def _one_run(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
     return t1 - t0, t2 - t1, produced
 
 
+def open_decoder(path, *, prompt_tokens: int, new_tokens: int, threads: int | None):
+    """One GGUF file in llama.cpp as a batch-1 timed decode `one_run() -> (ttft_s, decode_s, tokens)` on the
+    benchmark prompt, its close(), and what it runs on. Used by `decode_benchmark` and eval/interleaved."""
+    from compress.environment import available_cores
+
+    check_new_tokens(new_tokens)
+    llama_cpp = llamacpp.require()
+    threads = threads or available_cores()
+    llm = llamacpp.load(Path(path), n_ctx=prompt_tokens + new_tokens + 8, threads=threads)
+    ids = repeat_prompt(llm.tokenize(PROMPT_SENTENCE.encode(), add_bos=False, special=False), prompt_tokens)
+    info = {"engine": "llama.cpp", "engine_version": f"llama-cpp-python {llama_cpp.__version__}", "threads": threads,
+            "device": "cpu"}
+    return (lambda: _one_run(llm, ids, new_tokens)), llm.close, info
+
+
 def decode_benchmark(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, threads: int | None,
-                     bandwidth_bytes_per_sec: float) -> dict:
+                     bandwidth_bytes_per_sec: float, retries: int = 0,
+                     threshold: float = contention.THRESHOLD) -> dict:
     """Batch-1 decode of one GGUF file with llama.cpp: TTFT, decode tok/s (eval/throughput.timed_runs), peak RSS of
     this process, and the roofline with the file's tensor bytes as the bytes read per token (llama.cpp reads the
     quantized blocks as they are) plus its F16 KV cache at the mean context.
@@ -47,25 +64,17 @@ def decode_benchmark(path: Path, *, prompt_tokens: int, new_tokens: int, repeats
     transformers engine does with its tokenizer. The output dict has the same keys, for batch "1" only.
     """
     from compress import gguf_file
-    from compress.environment import available_cores
 
-    check_new_tokens(new_tokens)
-    llama_cpp = llamacpp.require()
-    threads = threads or available_cores()
     summary = gguf_file.summarize(path)
-    llm = llamacpp.load(path, n_ctx=prompt_tokens + new_tokens + 8, threads=threads)
-    ids = repeat_prompt(llm.tokenize(PROMPT_SENTENCE.encode(), add_bos=False, special=False), prompt_tokens)
-    one = timed_runs(lambda: _one_run(llm, ids, new_tokens), batch=1, new_tokens=new_tokens, repeats=repeats)
+    one_run, close, info = open_decoder(path, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads)
+    one = timed_runs(one_run, batch=1, new_tokens=new_tokens, repeats=repeats, retries=retries, threshold=threshold)
     mean_context = prompt_tokens + new_tokens // 2
     kv = gguf_file.kv_bytes(summary, mean_context)
     res = {
-        "engine": "llama.cpp",
-        "engine_version": f"llama-cpp-python {llama_cpp.__version__}",
-        "threads": threads,
+        **info,
         "weight_repacking": llamacpp.weight_repacking(),
         "flash_attention": llamacpp.FLASH_ATTENTION,
         "cpu_features": llamacpp.system_info(),
-        "device": "cpu",
         # the largest tensor type in the file ('Q5_0' for SmolLM2's "Q4_K_M"), which is what decode mostly reads
         "dtype": f"GGUF, mostly {next(iter(summary['types']), '?')}",
         "batches": {"1": one},
@@ -81,7 +90,7 @@ def decode_benchmark(path: Path, *, prompt_tokens: int, new_tokens: int, repeats
         "folder": str(Path(path).parent),
         "file": str(path),
     }
-    llm.close()
+    close()
     return res
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from eval import contention
 from eval.throughput import PROMPT_SENTENCE, _sync, check_new_tokens, process_memory, repeat_prompt, roofline, timed_runs
 
 
@@ -62,10 +63,41 @@ def _one_run(model, input_ids, new_tokens: int, device: str) -> tuple[float, flo
     return t1 - t0, t2 - t1, int(tokens.shape[1])
 
 
+def decoder(model, tokenizer, *, prompt_tokens: int, new_tokens: int, batch: int, device: str):
+    """One timed decode of this engine as a call: `one_run() -> (ttft_s, decode_s, tokens per sequence)` on the
+    benchmark prompt (`batch` copies of it), what eval/throughput.timed_runs and eval/interleaved time."""
+    import torch
+
+    ids = repeat_prompt(tokenizer(PROMPT_SENTENCE, add_special_tokens=False)["input_ids"], prompt_tokens)
+    input_ids = torch.tensor([ids] * batch, dtype=torch.long, device=device)
+
+    def one_run():
+        with torch.inference_mode():
+            return _one_run(model, input_ids, new_tokens, device)
+
+    return one_run
+
+
+def open_decoder(folder, *, prompt_tokens: int, new_tokens: int, device: str, dtype: str):
+    """A checkpoint folder loaded as a user would, as a batch-1 `decoder`, and a close() (nothing to close here:
+    the model goes with the call). For eval/interleaved, which alternates two of these."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = load_checkpoint(Path(folder), getattr(torch, dtype), device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    one_run = decoder(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=1, device=device)
+    info = {"engine": "transformers-eager", "device": str(device), "dtype": dtype,
+            "threads": None if str(device).startswith("cuda") else torch.get_num_threads()}
+    return one_run, (lambda: None), info
+
+
 def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 64,
-                     batch_sizes=(1, 4), repeats: int = 3, device: str = "cpu") -> dict:
+                     batch_sizes=(1, 4), repeats: int = 3, device: str = "cpu", retries: int = 0,
+                     threshold: float = contention.THRESHOLD) -> dict:
     """Prefill time (TTFT) and decode tok/s of `model` for each batch size, median and range over `repeats` runs
-    after one warm-up (eval/throughput.timed_runs says how they are computed).
+    after one warm-up, contended runs timed again up to `retries` times (eval/throughput.timed_runs says how they
+    are computed).
 
     Peak memory: on GPU, torch.cuda.max_memory_allocated after resetting the peak (tensors only, not the CUDA
     context). On CPU, the process's peak RSS, which is a lifetime peak: it includes loading and anything the process
@@ -78,16 +110,15 @@ def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
     on_gpu = str(device).startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    ids = repeat_prompt(tokenizer(PROMPT_SENTENCE, add_special_tokens=False)["input_ids"], prompt_tokens)
     batches = {}
     weight_bytes = None
-    with torch.inference_mode():
-        for batch in batch_sizes:
-            input_ids = torch.tensor([ids] * batch, dtype=torch.long, device=device)
-            batches[str(batch)] = timed_runs(lambda: _one_run(model, input_ids, new_tokens, device), batch=batch,
-                                             new_tokens=new_tokens, repeats=repeats)
-            if weight_bytes is None:
-                weight_bytes = resident_weight_bytes(model)  # after the first forward: decompressed size
+    for batch in batch_sizes:
+        one_run = decoder(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch,
+                          device=device)
+        batches[str(batch)] = timed_runs(one_run, batch=batch, new_tokens=new_tokens, repeats=repeats,
+                                         retries=retries, threshold=threshold)
+        if weight_bytes is None:
+            weight_bytes = resident_weight_bytes(model)  # after the first forward: decompressed size
     result = {
         "engine": "transformers-eager",
         "threads": None if on_gpu else torch.get_num_threads(),
@@ -108,7 +139,8 @@ def decode_benchmark(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
 
 
 def benchmark_checkpoint(folder, *, prompt_tokens: int, new_tokens: int, batch_sizes, repeats: int, device: str,
-                         dtype: str, bandwidth_bytes_per_sec: float) -> dict:
+                         dtype: str, bandwidth_bytes_per_sec: float, retries: int = 0,
+                         threshold: float = contention.THRESHOLD) -> dict:
     """Load one checkpoint folder as a user would, run `decode_benchmark`, and add the roofline per batch size.
 
     The KV read per decode step is taken at the mean context of the decode (prompt + new_tokens / 2).
@@ -123,7 +155,8 @@ def benchmark_checkpoint(folder, *, prompt_tokens: int, new_tokens: int, batch_s
     model = load_checkpoint(folder, getattr(torch, dtype), device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     res = decode_benchmark(model, tokenizer, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                           batch_sizes=tuple(batch_sizes), repeats=repeats, device=device)
+                           batch_sizes=tuple(batch_sizes), repeats=repeats, device=device, retries=retries,
+                           threshold=threshold)
     mean_context = prompt_tokens + new_tokens // 2
     kv_dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
     stored = weights_size_bytes(folder)

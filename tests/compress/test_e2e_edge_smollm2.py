@@ -52,6 +52,8 @@ def test_gguf_and_nf4_on_smollm2(tmp_path):
         assert r["perplexity"]["tokens"] == base["perplexity"]["tokens"] == 8 * 255
         assert 0 < r["kl"]["mean"] < 1 and r["throughput"]["batches"]["1"]["tok_per_sec"] > 0
     assert q4km["perplexity"]["engine"] == "llama.cpp" and q4km["throughput"]["engine"] == "llama.cpp"
+    sr = q4km["speed_ratio"]  # llama.cpp interleaved with the fp32 transformers baseline: 4-bit reads ~7x less
+    assert sr["engine"]["engine"] == "llama.cpp" and sr["ratio_lo"] > 1 and sr["verdict"] == "faster"
     assert q4km["roofline"]["weight_bytes"] == g["tensor_bytes"] < 0.25 * base["weights_bytes"]
     card = (Path(q4km["checkpoint"]) / "README.md").read_text()
     assert "Q4_1" in card and "llama-server -m" in card

@@ -164,6 +164,9 @@ def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_fi
         assert r["roofline"]["weight_bytes"] == g["tensor_bytes"]
         assert (th["prompt_tokens"], th["new_tokens"]) == (base["throughput"]["prompt_tokens"],
                                                           base["throughput"]["new_tokens"])
+        sr = r["speed_ratio"]  # interleaved with the transformers baseline in one process
+        assert sr["engine"]["engine"] == "llama.cpp" and sr["engine"]["threads"] == 1
+        assert sr["baseline_engine"]["engine"] == "transformers-eager" and sr["ratio_lo"] <= sr["ratio_hi"]
         assert (folder / "tokenizer.json").is_file() and r["serve"].startswith("llama-server -m ")
         card = (folder / "README.md").read_text()
         assert "tensor types actually stored" in card and "ollama create" in card and "llama.cpp, 1 thread" in card
@@ -184,10 +187,16 @@ def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_fi
     monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert built == [] and measured == []  # second run: every checkpoint and figure reused
+    timed = []
+    from eval import measure as measure_mod
+
+    real_speed = measure_mod.measure_speed
+    monkeypatch.setattr(measure_mod, "measure_speed", lambda *a, **k: timed.append(a[1]["name"]) or real_speed(*a, **k))
     evaluation["throughput"]["llamacpp_threads"] = 2
     recipe = write_recipe(tmp_path, tiny_llama_tok_model, calib_file, variants, evaluation=evaluation)
     assert run_mod.run(load_recipe(recipe), recipe) == 0
-    assert built == [] and len(measured) == 2  # llama.cpp's threads re-measure the GGUF rows only
+    # llama.cpp's threads re-time the GGUF rows only, and change none of their perplexity or task figures
+    assert built == [] and measured == [] and timed == ["q8", "q4-imat"]
 
 
 def test_a_foreign_converter_folder_is_never_deleted(tmp_path, monkeypatch):

@@ -52,7 +52,15 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     for v in r.values():
         assert v["throughput"]["engine"] == "transformers-eager"
         assert set(v["throughput"]["batches"]) == {"1", "2"}
+        assert "contention" in v["throughput"]["batches"]["1"]
         assert 0 < v["roofline"]["utilisation"]
+    assert "speed_ratio" not in base  # the reference; the others are interleaved with it
+    for v in (w4, w8):
+        sr = v["speed_ratio"]
+        assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and sr["rounds"] >= 8 and "per_round" not in sr
+        assert sr["verdict"] in ("faster", "slower", "no measurable difference")
+    cached = json.loads((tmp_path / "run" / "eval" / "rtn-w4.json").read_text())
+    assert len(cached["speed_ratio"]["per_round"]) == cached["speed_ratio"]["rounds_run"]  # the rounds stay here
     for f in ("report.md", "results.csv", "report.html"):
         assert (tmp_path / "run" / f).is_file()
     card = (tmp_path / "run" / "rtn-w4" / "README.md").read_text()
@@ -60,6 +68,7 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     table = card.split("## Measured")[1].split("\n\n")[1]  # one unbroken markdown table
     assert table.startswith("| figure | value |") and "KL divergence" in table and "tok/s" in table
     assert "arc_easy acc (lm-eval, 0-shot, n = 20)" in card and "tok/s" in card
+    assert "decode speed ÷ the baseline's (" in card and "interleaved rounds, batch 1) |" in card
     manifest = json.loads((tmp_path / "run" / "rtn-w4" / "manifest.json").read_text())
     assert checkpoint.verify(tmp_path / "run" / "rtn-w4", manifest["cache_key"])  # card refreshed, manifest too
 
@@ -70,6 +79,19 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     monkeypatch.setattr(perplexity, "evaluate_tokens", lambda *a, **k: measured.append(1) or orig(*a, **k))
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert measured == []  # nothing re-measured
+    timed = []
+    from eval import measure as measure_mod
+
+    real_speed = measure_mod.measure_speed
+    monkeypatch.setattr(measure_mod, "measure_speed", lambda *a, **k: timed.append(a[1]["name"]) or real_speed(*a, **k))
+    assert run_mod.run(load_recipe(recipe), recipe, remeasure_speed=True) == 0
+    assert measured == [] and timed == ["baseline", "rtn-w4", "rtn-w8"]  # speed timed again, accuracy reused
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {v["name"]: v["kl"] for v in again["variants"]} == {n: v["kl"] for n, v in r.items()}
+    recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir, {"throughput": {
+        "prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1, 2], "repeats": 1, "rounds": 6}})
+    assert run_mod.run(load_recipe(recipe), recipe) == 0
+    assert measured == [] and len(timed) == 6  # a changed throughput setting re-times, re-scores nothing
     built = []
     real_build = run_mod.build
     monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
@@ -91,19 +113,26 @@ def test_bad_evaluation_input_exits_2(tmp_path, tiny_model, calib_file, data_dir
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_key_covers_the_bandwidth_probe_only_with_throughput(data_dir, monkeypatch):
-    """Cached figures measured under another bandwidth definition are redone, so a report never mixes two bounds;
-    an evaluation without throughput keeps its cache."""
+def test_speed_key_covers_the_bandwidth_probe_and_the_baseline_and_the_eval_key_no_speed(data_dir, monkeypatch):
+    """Speed figures measured under another bandwidth definition, or against another baseline, are redone, so a
+    report never mixes two bounds or two references; accuracy figures depend on no speed setting."""
     from eval import measure as evaluate, throughput
     from compress.recipe import Evaluation
 
     with_tp = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
                          throughput={"prompt_tokens": 8, "new_tokens": 4})
     without = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"}, throughput=None)
-    before = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
+    fewer = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                       throughput={"prompt_tokens": 8, "new_tokens": 4, "rounds": 4})
+    row, base = {"name": "q", "cache_key": "ckpt"}, {"name": "baseline", "cache_key": "base"}
+    assert evaluate.speed_key(without, row, base, "cpu") is None
+    assert evaluate.eval_key(with_tp, "ckpt", "cpu") == evaluate.eval_key(without, "ckpt", "cpu") \
+        == evaluate.eval_key(fewer, "ckpt", "cpu")
+    before = evaluate.speed_key(with_tp, row, base, "cpu")
+    assert before != evaluate.speed_key(fewer, row, base, "cpu")
+    assert before != evaluate.speed_key(with_tp, row, {**base, "cache_key": "another"}, "cpu")
     monkeypatch.setattr(throughput, "BANDWIDTH_PROBE", "another-probe")
-    after = [evaluate.eval_key(ev, "ckpt", "cpu") for ev in (with_tp, without)]
-    assert after[0] != before[0] and after[1] == before[1]
+    assert evaluate.speed_key(with_tp, row, base, "cpu") != before
 
 
 def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeypatch):

@@ -9,16 +9,20 @@ import pytest
 
 from compress.report import pareto_front, variant_rows
 from compress.report.draw import svg
-from compress.report.plots import Plot, loss_curves, plots
+from compress.report.plots import Plot, Point, loss_curves, plots
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def rec(name: str, method: str, mb: float, tok: float | None, score: float | None, recovery: float | None = None,
         status: str = "ok") -> dict:
+    """A record; `tok` is its speed relative to a baseline at 20 tok/s, measured in rounds with a +-5% interval."""
     out = {"name": name, "method": method, "status": status, "weights_bytes": int(mb * 1e6)}
     if tok is not None:
         out["throughput"] = {"engine": "transformers-eager", "batches": {"1": {"tok_per_sec": tok}}}
+        if method != "baseline":
+            r = tok / 20.0
+            out["speed_ratio"] = {"ratio": r, "ratio_lo": r * 0.95, "ratio_hi": r * 1.05}
     if score is not None:
         out["tasks"] = {"arc": {"value": score}, "piqa": {"value": score}}
     if recovery is not None:
@@ -45,6 +49,17 @@ def test_pareto_front():
     assert pareto_front([]) == []
 
 
+def test_pareto_front_on_speed_intervals():
+    """A variant beats another on speed only when its whole interval is at or above the other's: overlapping
+    intervals are no measurable difference, so the less accurate one is not pushed off the front by a point."""
+    base, q = Point("base", 1.0, 55.0, "", 1.0, 1.0), Point("q", 0.98, 50.0, "", 0.93, 1.04)
+    assert pareto_front([base, q]) == ["q", "base"]  # q may be as fast as the baseline: not dominated
+    surely_slower = Point("q", 0.90, 50.0, "", 0.86, 0.95)
+    assert pareto_front([base, surely_slower]) == ["base"]  # slower for sure and less accurate
+    fast = Point("fast", 1.5, 52.0, "", 1.4, 1.6)
+    assert pareto_front([base, fast, Point("mid", 1.45, 51.0, "", 1.2, 1.7)]) == ["base", "mid", "fast"]
+
+
 def test_scatter_data_and_skipped_variants():
     p = _plots()
     size, speed = p["Accuracy vs size on disk"], p["Accuracy vs decode speed (batch 1)"]
@@ -54,8 +69,9 @@ def test_scatter_data_and_skipped_variants():
     assert size.marks[2].title == "gptq: 150.0 MB, 53.0 %"
     assert len(size.notes) == 1 and size.notes[0].endswith(": awq.")  # only the failed variant is missing
     assert [m.name for m in speed.marks] == ["baseline", "rtn", "gptq"]
-    assert speed.marks[0].title == "baseline: 20.0 tok/s, 55.0 %"
-    assert speed.front == ["baseline", "gptq"]  # rtn is slower and less accurate than gptq
+    assert speed.marks[0].title == "baseline: 1.00 × baseline, 55.0 %"  # the reference has no interval
+    assert (speed.marks[2].x, speed.marks[2].x_lo, speed.marks[2].x_hi) == pytest.approx((1.1, 1.045, 1.155))
+    assert speed.front == ["baseline", "gptq"]  # rtn is surely slower than gptq, and less accurate
     assert "slow" in speed.notes[0] and "awq" in speed.notes[0] and "rtn" not in speed.notes[0]
     assert size.colours["gptq"] == speed.colours["gptq"]  # a variant keeps its colour across plots
 
@@ -101,8 +117,9 @@ def test_svg_marks_carry_class_variant_and_tooltip():
     assert speed.startswith("<svg ") and 'aria-label="Accuracy vs decode speed (batch 1)"' in speed
     marks = _groups(speed)
     assert [(m["name"], m["title"]) for m in marks if m["class"] == "point"] == [
-        ("baseline", "baseline: 20.0 tok/s, 55.0 %"), ("rtn", "rtn: 18.0 tok/s, 50.0 %"),
-        ("gptq", "gptq: 22.0 tok/s, 53.0 %")]
+        ("baseline", "baseline: 1.00 × baseline, 55.0 %"),
+        ("rtn", f"rtn: 0.90 [{0.9 * 0.95:.2f}, {0.9 * 1.05:.2f}] × baseline, 50.0 %"),
+        ("gptq", f"gptq: 1.10 [{1.1 * 0.95:.2f}, {1.1 * 1.05:.2f}] × baseline, 53.0 %")]
     assert [m["name"] for m in marks if m["class"] == "front-point"] == ["baseline", "gptq"]
     assert [m["class"] for m in marks].count("pareto-front") == 1
     bars = _groups(svg(p["Accuracy recovery vs baseline, per task"]))
@@ -112,6 +129,18 @@ def test_svg_marks_carry_class_variant_and_tooltip():
     curve = [{"step": s, "loss": 3.0 / (s + 1)} for s in range(0, 50, 10)]
     loss = _groups(svg(loss_curves([{"name": "d<1>", "distill": {"loss_curve": curve}}], {})))
     assert [(m["class"], m["name"]) for m in loss] == [("loss-curve", "d&lt;1&gt;")]  # names are escaped
+
+
+def test_a_row_timed_under_contention_is_drawn_hollow_and_says_so():
+    variants = [dict(v) for v in VARIANTS]
+    variants[2]["speed_ratio"] = {**variants[2]["speed_ratio"], "contention": {"contended": True}}
+    speed = next(p for p in plots(variant_rows({"variants": variants}), variants) if "speed" in p.title)
+    gptq = next(m for m in speed.marks if m.name == "gptq")
+    assert gptq.flagged and gptq.title.endswith("(timed under contention)")
+    assert not any(m.flagged for m in speed.marks if m.name != "gptq")
+    drawn = svg(speed)
+    assert "hollow: timed under contention" in drawn
+    assert "hollow" not in svg(_plots()["Accuracy vs decode speed (batch 1)"])  # no flagged row, no legend entry
 
 
 def test_svg_is_deterministic_self_contained_and_has_unique_ids():

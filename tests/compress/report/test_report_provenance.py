@@ -34,13 +34,17 @@ def test_every_measurement_says_how_it_was_taken():
         assert value in hellaswag, value
     throughput = _line(sections, "Throughput and memory", "engine transformers-eager on cpu")
     assert "median tok/s of 5 repeats" in throughput and "peak resident set size" in throughput
+    ratios = _line(sections, "Throughput and memory", "× baseline tok/s: interleaved rounds")
+    assert "8 rounds per row" in ratios and "no measurable difference" in ratios
+    assert "more than 10% of the CPU time" in _line(sections, "Throughput and memory", "contention:")
+    assert _line(sections, "Throughput and memory", "⚠ timed under contention").endswith(": gptq-w4a16.")
     assert "19.6 GB/s" in _line(sections, "Roofline", "memory bandwidth", "numpy copy")
 
 
 def test_missing_measurements_say_so():
     results = json.loads((FIXTURE_RUN / "results.json").read_text())
     for rec in results["variants"]:
-        for key in ("tasks", "throughput", "perplexity", "kl"):
+        for key in ("tasks", "throughput", "speed_ratio", "perplexity", "kl"):
             rec.pop(key, None)
     del results["bandwidth"], results["evaluation"]
     sections = dict(provenance(results))

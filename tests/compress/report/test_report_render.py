@@ -28,6 +28,8 @@ def gguf_record(name: str, tok: float) -> dict:
             "gguf": {"type_requested": "Q4_K_M", "types": {"Q5_0": {"tensors": 166, "bytes": 53_700_000}},
                      "bits_per_weight": 6.17, "tensor_bytes": 103_668_480, "file_bytes": 105_453_984},
             "throughput": {"engine": "llama.cpp", "threads": 1, "batches": {"1": {"tok_per_sec": tok}}},
+            "speed_ratio": {"ratio": tok / 24.6, "ratio_lo": tok / 25.0, "ratio_hi": tok / 24.0, "rounds": 8,
+                            "verdict": "faster", "tok_per_sec": tok, "baseline_tok_per_sec": 24.6},
             "roofline": {"bytes_per_token": 104_000_000, "bound_tok_per_sec": 240.0, "bandwidth_bytes_per_sec": 25e9,
                          "utilisation": tok / 240.0}}
 
@@ -90,7 +92,7 @@ def test_markdown_table(results):
     assert table["gptq-w4a16"]["KL vs baseline (nats/token)"] == "0.0514 ± 0.0014"
     assert table["gptq-w4a16"]["top-1 agreement (%)"] == "90.5"
     assert table["gptq-w4a16"]["avg recovery (% [95% CI])"] == "98.6 [96.7, 100.4]"
-    assert table["gptq-w4a16"]["tok/s (batch 1)"] == "25.2" and table["gptq-w4a16"]["TTFT (ms)"] == "79"
+    assert table["gptq-w4a16"]["tok/s (batch 1)"] == "25.2 ⚠ contended" and table["gptq-w4a16"]["TTFT (ms)"] == "79"
     assert table["baseline"]["peak memory (MB)"] == "1232" and table["baseline"]["roofline utilisation (%)"] == "69"
     assert table["gptq-w4a16"]["compress time (s)"] == "100.2" and table["baseline"]["bits"] == "—"
     # the failed variant: dashes for what it never measured, and its error (the pipe in it escaped)
@@ -106,7 +108,10 @@ def test_section_tables_in_markdown(results):
     table = md_table(md)
     assert table["baseline"]["decode engine"] == "transformers-eager, 2 threads"
     assert table["gguf-fast"]["decode engine"] == "llama.cpp, 1 thread"
-    assert table["gguf-fast"]["× baseline tok/s"] == f"{130.0 / 24.6:.2f}"
+    ratio = "× baseline tok/s [95% interval, interleaved]"
+    assert table["gguf-fast"][ratio] == f"{130.0 / 24.6:.2f} [{130.0 / 25:.2f}, {130.0 / 24:.2f}]"
+    assert table["gptq-w4a16"][ratio] == "1.02 [0.98, 1.05] no measurable difference ⚠ contended"
+    assert table["rtn-w4a16"][ratio] == "0.93 [0.91, 0.95]" and table["baseline"][ratio] == "1 (reference)"
     gguf = md_table(md.split("## GGUF files")[1])
     assert gguf["gguf-fast"]["tensor types stored (count, MB)"] == "Q5_0 × 166 (53.7 MB)"
     speed = md.split("## Decode speed")[1].split("## ")[0]

@@ -58,7 +58,9 @@ def test_kv_table():
     assert "4,096 tokens × batch 8" in table.caption
 
 
-def gguf_record(name: str, tok: float, bits: int = 4) -> dict:
+def gguf_record(name: str, tok: float, bits: int = 4, base_tok: float = 24.6, spread: float = 0.04,
+                contended: bool = False) -> dict:
+    """A GGUF row at `tok` tok/s, with its interleaved ratio to a baseline at `base_tok` (+-`spread`)."""
     types = {"Q5_0": {"tensors": 166, "params": 95_000_000, "bytes": 53_700_000},
              "Q8_0": {"tensors": 15, "params": 29_800_000, "bytes": 31_700_000}}
     return {"name": name, "method": "gguf", "scheme": "GGUF Q4_K_M", "bits": bits, "status": "ok",
@@ -68,6 +70,9 @@ def gguf_record(name: str, tok: float, bits: int = 4) -> dict:
             "selfcheck": {"engines_kl_mean": 0.015},
             "throughput": {"engine": "llama.cpp", "threads": 1, "device": "cpu",
                            "batches": {"1": {"tok_per_sec": tok, "ttft_s": 0.05}}},
+            "speed_ratio": {"ratio": tok / base_tok, "ratio_lo": tok / base_tok * (1 - spread),
+                            "ratio_hi": tok / base_tok * (1 + spread), "rounds": 8, "tok_per_sec": tok,
+                            "baseline_tok_per_sec": base_tok, "contention": {"contended": contended}},
             "roofline": {"bytes_per_token": 104_000_000, "bound_tok_per_sec": 240.0, "bandwidth_bytes_per_sec": 25e9,
                          "utilisation": tok / 240.0}}
 
@@ -92,12 +97,17 @@ def test_speed_summary_quotes_the_fastest_4bit_gguf_row():
     variants = [_baseline(24.6), gguf_record("fast", 130.0), gguf_record("slow", 90.0), gguf_record("q8", 150.0, 8)]
     quote, targets = speed_summary(variants)
     assert "fast (GGUF Q4_K_M)" in quote and "130.0 tok/s" in quote and f"{130 / 24.6:.2f}×" in quote  # not q8
-    assert "24.6 tok/s (transformers-eager, 2 threads, fp32)" in quote
+    assert f"[{130 / 24.6 * 0.96:.2f}, {130 / 24.6 * 1.04:.2f}]" in quote and "8 interleaved rounds" in quote
+    assert "24.6 tok/s (transformers-eager, 2 threads, fp32)" in quote and "contended" not in quote
     assert "54%" in quote and "240 tok/s = 25.0 GB/s / 104.0 MB" in quote
     assert targets.count("— met") == 2 and ".yaml" not in targets  # the targets name no recipe file
-    slow = speed_summary([_baseline(60.0), gguf_record("slow", 90.0)])[1]
+    slow = speed_summary([_baseline(60.0), gguf_record("slow", 90.0, base_tok=60.0)])[1]
     assert slow.count("NOT met") == 2  # 1.5× the baseline, 38% of the bound
     assert speed_summary([_baseline(24.6), gguf_record("q8", 150.0, 8)]) == []  # no 4-bit GGUF row: no note
+    # 2.1x with an interval from 1.7 to 2.5: the 2x target is neither met nor missed; the row was contended
+    quote, spans = speed_summary([_baseline(20.0), gguf_record("wide", 42.0, base_tok=20.0, spread=0.2,
+                                                               contended=True)])
+    assert "not decided (the interval spans it)" in spans and "⚠ contended" in quote
 
 
 def test_distill_table():
