@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,28 @@ def write_recipe(tmp_path: Path, tiny_model: Path, calib_file: Path, variants: l
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def _burn(cores: list[int], stop) -> None:
+    os.sched_setaffinity(0, cores)
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def burners(n: int | None = None):
+    """One CPU-bound process per core this process may use, pinned to those cores; returns stop()."""
+    cores = sorted(os.sched_getaffinity(0))
+    stop = mp.get_context("spawn").Event()
+    procs = [mp.get_context("spawn").Process(target=_burn, args=([c], stop), daemon=True)
+             for c in cores[: n or len(cores)]]
+    for p in procs:
+        p.start()
+    time.sleep(1.0)  # let them start (spawn imports Python)
+
+    def halt() -> None:
+        stop.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+    return halt

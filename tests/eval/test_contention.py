@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import time
 
 import pytest
 
 from eval import contention
 from eval.contention import Snapshot, between
+
+from conftest import burners
 
 
 def test_shares_are_of_the_cores_capacity_over_the_window():
@@ -26,42 +26,6 @@ def test_shares_are_of_the_cores_capacity_over_the_window():
     assert between(before, stolen)["contended"]  # steal alone is contention: the VM lost its CPU
     assert between(None, after) == {"others_cpu_share": None, "steal_share": None, "contended": False,
                                     "judged": False}
-
-
-def _burn(cores: list[int], stop) -> None:
-    os.sched_setaffinity(0, cores)
-    while not stop.is_set():
-        sum(i * i for i in range(10_000))
-
-
-def burners(n: int | None = None):
-    """One CPU-bound process per core this process may use, pinned to those cores; returns stop()."""
-    cores = sorted(os.sched_getaffinity(0))
-    stop = mp.get_context("spawn").Event()
-    procs = [mp.get_context("spawn").Process(target=_burn, args=([c], stop), daemon=True)
-             for c in cores[: n or len(cores)]]
-    for p in procs:
-        p.start()
-    time.sleep(1.0)  # let them start (spawn imports Python)
-
-    def halt() -> None:
-        stop.set()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-    return halt
-
-
-def _busy_work(seconds: float = 0.3):
-    """A stand-in timed run: CPU-bound work of fixed size, so a shared core makes it slower."""
-    def one_run():
-        t0 = time.perf_counter()
-        x = 0
-        while time.perf_counter() - t0 < seconds:
-            x += sum(i * i for i in range(1000))
-        return 0.0, time.perf_counter() - t0, 8
-    return one_run
 
 
 def test_a_row_timed_beside_a_cpu_burner_is_retried_then_flagged(tiny_model):

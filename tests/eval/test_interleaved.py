@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from eval.interleaved import interleave, median_interval, speed_ratio, verdict
-from tests.eval.test_contention import burners
+from conftest import burners
 
 
 def test_median_interval_is_the_order_statistic_one():
