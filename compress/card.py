@@ -106,6 +106,10 @@ def _types_text(types: dict) -> str:
 
 
 def _serve_lines(record: dict) -> list[str]:
+    v = record.get("vllm") or {}
+    tested = ([f"Tested: this line served the checkpoint in vLLM {v['engine'].get('vllm')} ({v['engine'].get('build')}"
+               f" build, with {' '.join(v.get('harness_flags') or []) or 'no other flag'} and an address added) for "
+               "the vLLM figures above.", ""] if v.get("status") == "ok" and v.get("engine") else [])
     return [
         "## Serve",
         "",
@@ -113,6 +117,7 @@ def _serve_lines(record: dict) -> list[str]:
         record["serve"],
         "```",
         "",
+        *tested,
         "or load with transformers: `AutoModelForCausalLM.from_pretrained(\"<this folder>\")`.",
         "",
         "Files: `compress-recipe.yaml` is the compress recipe for this variant; `recipe.yaml` (quantized variants) is",
@@ -178,6 +183,35 @@ def _evaluation_rows(record: dict) -> list[str]:
             rows.append(f"| roofline: {rf['bytes_per_token'] / 1e6:.1f} MB read per token, bound "
                         f"{rf['bound_tok_per_sec']:.0f} tok/s | {100 * rf['utilisation']:.0f} % of the bound |")
         rows.append(f"| peak memory ({th['memory_kind']}) | {th['peak_memory_bytes'] / 1e6:.0f} MB |")
+    return rows + _vllm_rows(record)
+
+
+def _vllm_rows(record: dict) -> list[str]:
+    """The figures measured with this checkpoint served by vLLM (eval/served.py), with the command that served it."""
+    v = record.get("vllm")
+    if not v:
+        return []
+    e = v.get("engine") or {}
+    engine = f"vLLM {e.get('vllm', '?')}, {e.get('build', '?')}"
+    if v["status"] != "ok":
+        what = "served, not measured" if v["status"] == "too slow" else "not served"
+        return [f"| served by {engine} | {what}: {v.get('reason') or v['status']} |"]
+    rows = [f"| served by {engine}: kernel | {'; '.join(v.get('kernels') or []) or 'unquantized GEMM'} |"]
+    if a := v.get("agreement"):
+        rows.append(f"| vLLM greedy tokens identical to transformers before the first divergence | "
+                    f"{', '.join(map(str, a['matched_tokens']))} of {a['tokens_per_prompt']} per prompt |")
+    if p := v.get("perplexity"):
+        beside = (f" (transformers on the same {p['windows']} windows: {p['transformers_value']:.3f})"
+                  if p.get("transformers_value") is not None else "")
+        rows.append(f"| perplexity in vLLM, prompt logprobs, {p['windows']} windows x {p['context']} tokens | "
+                    f"{p['value']:.3f}{beside} |")
+    if d := v.get("decode"):
+        rows.append(f"| vLLM decode, batch 1 ({d['dtype']}) | {d['tok_per_sec']:.1f} tok/s, "
+                    f"{100 * d['utilisation']:.0f} % of the {d['bound_tok_per_sec']:.0f} tok/s bound |")
+    for lv in v.get("sweep") or []:
+        rows.append(f"| vLLM, {lv['concurrency']} concurrent requests ({lv['requests']}) | TTFT p50 "
+                    f"{1000 * lv['ttft_s_p50']:.0f} ms, TPOT p50 {1000 * lv['tpot_s_p50']:.1f} ms, "
+                    f"{lv['output_tok_per_sec']:.1f} output tok/s |")
     return rows
 
 

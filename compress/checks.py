@@ -39,10 +39,16 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
             except InputError as e:
                 raise InputError(f"{recipe_path}: {field}: {str(e).split(': ', 1)[1]}") from None
             _not_evaluated_on(Path(v.distill.data), f"{recipe_path}: {field}", eval_files)
-    resolve_device_dtype(recipe.model)
+    device, _ = resolve_device_dtype(recipe.model)
     check_group_sizes(recipe, recipe_path, load_config(source))
     check_backends(recipe, recipe_path)
     check_output(recipe, recipe_path)
+    if recipe.evaluation.vllm is not None and prepare:
+        # built (minutes, once) before any work, so that an offline machine fails now with exit 2, not after an
+        # hour of compression
+        from eval.engines import vllm_env
+
+        vllm_env.ensure(device)
     return source
 
 

@@ -296,6 +296,47 @@ class ThroughputSettings(_Strict):
     contention_threshold: float = Field(0.10, gt=0, le=1)
 
 
+class VLLMSettings(_Strict):
+    """Serve every variant in vLLM (its own environment, its OpenAI server in a subprocess: eval/engines/vllm.py)
+    and measure it there (eval/served.py): the kernel vLLM picked, greedy agreement with transformers, perplexity
+    from vLLM's prompt logprobs, a serving sweep over `concurrency` in the style of `vllm bench serve`, and the
+    batch-1 decode ratio to the vLLM baseline (interleaved, as every ratio)."""
+
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    # the batch-1 ratio to the run's baseline in transformers (the main table's reference), interleaved: rounds
+    # (6 make the 95% interval [min, max], 96.9% coverage) of `ratio_new_tokens` greedy tokens each, after the
+    # benchmark prompt; short, so that slow rows (FP8, emulated on a CPU) stay affordable
+    ratio_rounds: int = Field(6, gt=0)
+    ratio_new_tokens: int = Field(16, gt=1)
+    prompt_tokens: int = Field(128, gt=0)  # random token ids per request (no prefix-cache hits), as vllm bench's
+    output_tokens: int = Field(64, gt=1)  # exactly this many (EOS ignored)
+    # measured requests per level: max(requests_min, requests_per_concurrency x concurrency), after
+    # min(concurrency, 2) short warm-up requests (4 tokens) that are never counted
+    requests_per_concurrency: int = Field(2, gt=0)
+    requests_min: int = Field(4, gt=0)
+    level_max_s: float = Field(180, gt=0)  # no new request after this many seconds of a level (FP8 on a CPU)
+    retries: int = Field(1, ge=0)  # a contended level is run again at most this many times, then flagged
+    # the SLO goodput counts against: a request is good when its TTFT and its TPOT are both within the limits
+    slo_ttft_ms: float = Field(1000, gt=0)
+    slo_tpot_ms: float = Field(100, gt=0)  # 10 tok/s per user, about reading speed
+    # a row vLLM decodes slower than this (two 4-token probes, the second timed) is reported with its measured speed
+    # and kernel, and not measured further: FP8 is emulated on a CPU (0.1 tok/s here), and its sweep, agreement
+    # and ratio would take hours. 0: measure every row whatever its speed
+    min_tok_per_sec: float = Field(0.5, ge=0)
+    agreement_tokens: int = Field(32, gt=0)  # greedy tokens compared with transformers per self-check prompt
+    perplexity: bool = True  # vLLM's perplexity on the windows of evaluation.perplexity, beside transformers' on them
+    # at most this many of those windows (transformers' figure beside it is recomputed on the same ones): vLLM's CPU
+    # prefill with prompt logprobs reads ~100 tokens/s here, and emulated FP8 is far slower
+    perplexity_windows: int | None = Field(10, gt=0)
+    # also run evaluation.tasks through the server (lm-eval local-completions): true for every variant, or the
+    # names of the variants to run them for (each costs a full lm-eval pass)
+    tasks: bool | list[str] = False
+    # --enforce-eager: loading takes ~30 s instead of ~3 min of torch.compile on a 2-core CPU; the report says so
+    eager: bool = True
+    kv_cache_space_gb: float = Field(2, gt=0)  # VLLM_CPU_KVCACHE_SPACE (CPU builds only)
+    ready_timeout_s: float = Field(900, gt=0)  # a server not healthy by then is a failed row
+
+
 class PlannerSettings(_Strict):
     """The serving shape the memory planner sizes the KV cache for (`compress plan`, `--dry-run`)."""
 
@@ -323,6 +364,7 @@ class Evaluation(_Strict):
     batch_size: int = Field(16, gt=0)
     perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)  # null: skip
     throughput: ThroughputSettings | None = Field(default_factory=ThroughputSettings)  # null: skip
+    vllm: VLLMSettings | None = None  # null: no vLLM engine (it needs its own environment, built on first use)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
 
     @property

@@ -155,6 +155,55 @@ class SpeedRatio(_Block):
     skipped: str | None = None
 
 
+class ServedLevel(_Block):
+    """eval/serving.summarize_level: one concurrency level of the vLLM serving sweep."""
+
+    concurrency: int
+    requests: int
+    wall_s: Num
+    ttft_s_p50: Num
+    ttft_s_p99: Num
+    tpot_s_p50: Num
+    tpot_s_p99: Num
+    e2e_s_p50: Num | None = None
+    e2e_s_p99: Num | None = None
+    output_tok_per_sec: Num
+    requests_per_sec: Num
+    goodput_requests_per_sec: Num
+    slo_met_share: Num
+    slo: dict | None = None
+    requests_planned: int | None = None
+    capped: bool | None = None
+    attempts: int | None = None
+    contention: Contention | None = None
+
+
+class Served(_Block):
+    """eval/served.py: the variant served by vLLM and measured there; `status` ok, failed (vLLM's `reason`),
+    "too slow" (served, but below min_tok_per_sec: its speed and kernel only) or skipped (why this row is not for
+    vLLM)."""
+
+    status: str
+    reason: str | None = None
+    engine: dict | None = None  # vLLM, torch, build, the CPU ISA, install time
+    serve_command: str | None = None  # the model card's line, served as written
+    harness_flags: list[str] | None = None  # what the harness added (beside address and model name)
+    env_vars: dict | None = None
+    load_s: Num | None = None
+    kernels: list[str] | None = None
+    probe_tok_per_sec: Num | None = None
+    agreement: dict | None = None
+    perplexity: dict | None = None
+    sweep: list[ServedLevel] | None = None
+    decode: dict | None = None
+    speed_ratio: SpeedRatio | None = None
+    tasks: dict[str, TaskScore] | None = None
+    tasks_seconds: Num | None = None
+    tasks_error: str | None = None
+    log: str | None = None
+    measure_seconds: Num | None = None
+
+
 class Roofline(_Block):
     """eval/throughput.roofline at batch 1 (and the bound per batch size): read bandwidth / bytes read per step."""
 
@@ -233,6 +282,7 @@ class Record(BaseModel):
     throughput: Throughput | None = None
     speed_ratio: SpeedRatio | None = None
     roofline: Roofline | None = None
+    vllm: Served | None = None
     recovery: dict[str, Recovery] | None = None
     evaluate_peak_memory_bytes: int | None = None
     evaluate_peak_memory_kind: str | None = None

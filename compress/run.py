@@ -151,7 +151,7 @@ def measure(recipe: Recipe, output: Path, records: dict[str, dict], device: str,
         results.evaluation_error = error
     for record in records.values():  # the model cards gain the figures just measured
         folder = Path(record["checkpoint"] or "")
-        if record["status"] == "ok" and {"perplexity", "tasks", "throughput"} & set(record):
+        if record["status"] == "ok" and {"perplexity", "tasks", "throughput", "vllm"} & set(record):
             record["size_bytes"] = checkpoint.refresh_card(folder, model_card(record, source_info, folder))
     return failed
 

@@ -53,11 +53,33 @@ def run_tasks(model, tokenizer, tasks: list[str], data_dir: Path, *, num_fewshot
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    configs = [task_config(t, data_dir) for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    return _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
+
+
+def run_tasks_served(url: str, model_name: str, tokenizer_folder: Path, tasks: list[str], data_dir: Path, *,
+                     num_fewshot: int, limit: int | None, concurrent: int = 4) -> dict:
+    """The same tasks through a running OpenAI-compatible server (vLLM's), with lm-eval's `local-completions`
+    model: token-id prompts (the checkpoint's own tokenizer), loglikelihoods from the server's echoed prompt
+    logprobs, `concurrent` requests in flight so the server batches them (and its prefix cache shares a question's
+    context across its answer choices). Same output as `run_tasks`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=url, model=model_name, tokenizer=str(tokenizer_folder),
+                             tokenizer_backend="huggingface", num_concurrent=concurrent, max_retries=3,
+                             tokenized_requests=True, max_length=2048)
+    return _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
+
+
+def _evaluate(lm, tasks: list[str], data_dir: Path, *, num_fewshot: int, limit: int | None) -> dict:
+    """lm-eval's simple_evaluate of `lm` on the local tasks, reduced to each task's primary metric and items."""
+    from lm_eval import simple_evaluate
+
+    configs = [task_config(t, data_dir) for t in tasks]
     out = simple_evaluate(model=lm, tasks=configs, num_fewshot=num_fewshot, limit=limit, log_samples=True,
                          bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                          fewshot_random_seed=0)

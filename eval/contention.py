@@ -50,16 +50,29 @@ def _cores() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def _own_jiffies() -> int:
-    """utime + stime of this process (every thread), in clock ticks, from /proc/self/stat."""
-    with open("/proc/self/stat") as f:
+def _jiffies(pid: int | str = "self") -> int:
+    """utime + stime of one process (every thread), in clock ticks, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
         text = f.read()
     fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces: split after it
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from the state field (3)
 
 
-def snapshot() -> Snapshot | None:
-    """The counters now; None where /proc is not Linux's (then nothing is judged, and the result says so)."""
+def _own_jiffies(pids: tuple[int, ...] = ()) -> int:
+    """This process's jiffies plus those of `pids` (a server that works for us, e.g. vLLM's process tree); a pid
+    that has gone counts 0."""
+    total = _jiffies()
+    for pid in pids:
+        try:
+            total += _jiffies(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def snapshot(pids: tuple[int, ...] = ()) -> Snapshot | None:
+    """The counters now; None where /proc is not Linux's (then nothing is judged, and the result says so).
+    `pids`: other processes whose CPU time is ours (the engine server we are timing), not contention."""
     cores = _cores()
     busy = steal = 0
     try:
@@ -72,7 +85,7 @@ def snapshot() -> Snapshot | None:
                     nums = [int(v) for v in values]
                     busy += sum(nums[i] for i in _BUSY_FIELDS if i < len(nums))
                     steal += nums[_STEAL_FIELD] if len(nums) > _STEAL_FIELD else 0
-        own = _own_jiffies()
+        own = _own_jiffies(tuple(pids))
     except (OSError, ValueError, IndexError):
         return None
     return Snapshot(time.perf_counter(), busy, steal, own, len(cores))
@@ -91,11 +104,13 @@ def between(before: Snapshot | None, after: Snapshot | None, threshold: float = 
             "contended": others > threshold or steal > threshold, "judged": True}
 
 
-def timed(fn, threshold: float = THRESHOLD):
-    """`fn()` with the contention of its window: (fn's result, between(...))."""
-    before = snapshot()
+def timed(fn, threshold: float = THRESHOLD, pids=None):
+    """`fn()` with the contention of its window: (fn's result, between(...)). `pids`: a callable giving the
+    processes that work for us in that window (read before it, so that both snapshots count the same ones)."""
+    own = tuple(pids()) if pids else ()
+    before = snapshot(own)
     out = fn()
-    return out, between(before, snapshot(), threshold)
+    return out, between(before, snapshot(own), threshold)
 
 
 def summary(samples: list[dict], used: list[dict], *, retries: int, threshold: float) -> dict:

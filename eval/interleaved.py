@@ -18,7 +18,7 @@ probability 1 - 2 P(Binomial(n, 1/2) < k), whatever the distribution. With 8 rou
 Each timed run is also bracketed by eval/contention: a round in which either run was contended is timed again
 (at most `retries` more rounds), and when `rounds` quiet rounds were not had by then, the ratio comes from every
 round and is flagged `contended`. Works for any two engines that give a batch-1 `open_decoder` (transformers,
-llama.cpp; vLLM's serving benchmark applies the same rules when it lands).
+llama.cpp, and vLLM servers: eval/served.py interleaves a vLLM row with the vLLM baseline).
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ def verdict(lo: float, hi: float) -> str:
 
 
 def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
-               threshold: float = contention.THRESHOLD, level: float = LEVEL) -> dict:
+               threshold: float = contention.THRESHOLD, level: float = LEVEL, pids=None) -> dict:
     """Alternate `run_a` (the baseline) and `run_b` (the variant), each `() -> (ttft_s, decode_s, tokens)` of a
     batch-1 greedy decode of `new_tokens` tokens, until `rounds` quiet rounds are had or `rounds + retries` were
     run; return the ratio b/a per round, its median and interval, each side's median tok/s over the same rounds,
-    and the contention of every timed window."""
+    and the contention of every timed window. `pids`: a callable giving the server processes that decode for us
+    (vLLM's), whose CPU time is ours, not contention."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     steps = new_tokens - 1
@@ -72,7 +73,7 @@ def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
         order = "ab" if len(per_round) % 2 == 0 else "ba"
         tok, seen = {}, {}
         for side in order:
-            (_, decode_s, produced), sample = contention.timed(run_a if side == "a" else run_b, threshold)
+            (_, decode_s, produced), sample = contention.timed(run_a if side == "a" else run_b, threshold, pids)
             if produced != new_tokens:
                 raise RuntimeError(f"decode loop produced {produced} tokens, expected {new_tokens}")
             tok[side], seen[side] = steps / decode_s, sample

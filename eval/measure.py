@@ -41,6 +41,8 @@ EVAL_FORMAT = 2  # bump when what an eval/<variant>.json holds changes, so older
 SPEED_FORMAT = 1  # the same for its speed figures alone
 # what an eval/<variant>.json holds from the speed measurement, replaced as a whole when it is measured again
 SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio")
+# what it holds from the vLLM engine (eval/served.py), under a key of its own
+SERVED_FIELDS = ("vllm_key", "vllm")
 
 
 def check_inputs(ev: Evaluation) -> None:
@@ -75,7 +77,7 @@ def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) ->
     import lm_eval
 
     data_dir = Path(ev.data_dir).expanduser()
-    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput"})
+    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm"})
     if gguf:  # llama.cpp's attention kernel changes the logits of GGUF rows
         from compress.llamacpp import FLASH_ATTENTION  # a constant: importing it does not load llama_cpp
 
@@ -83,8 +85,13 @@ def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) ->
     blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
-            "ppl_file": sha256_file(data_dir / ev.perplexity.file)[:16] if ev.perplexity else None}
+            "ppl_file": ppl_file_digest(ev)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def ppl_file_digest(ev: Evaluation) -> str | None:
+    """The first 16 hex digits of the perplexity text's sha256 (None without perplexity)."""
+    return sha256_file(Path(ev.data_dir).expanduser() / ev.perplexity.file)[:16] if ev.perplexity else None
 
 
 def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str) -> str | None:
@@ -145,9 +152,10 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         skey = speed_key(ev, record, base, device)
         path = eval_dir / f"{name}.json"
         cached = _read_cached(path)
-        quality = None
+        quality, served = None, {}
         if cached and cached.get("eval_key") == key:
-            quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS}
+            quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS + SERVED_FIELDS}
+            served = {k: cached[k] for k in SERVED_FIELDS if k in cached}  # checked against its own key below
             if skey is None or (cached.get("speed_key") == skey and not remeasure_speed):
                 log.info("stage evaluate: %s unchanged, reusing %s", name, path)
                 measured[name] = cached
@@ -161,11 +169,16 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             ownership.write_owned(output, f"eval/{name}.json", json.dumps(quality, indent=2) + "\n")
         else:
             log.info("stage evaluate: %s: perplexity and tasks unchanged (cached), timing its speed", name)
-        measured[name] = quality
+        measured[name] = {**quality, **served}
         if skey is not None:
             speed = measure_speed(ev, record, base, measured.get(base_name), device, dtype)
-            measured[name] = {**quality, **speed, "speed_key": skey}
+            measured[name] = {**quality, **speed, "speed_key": skey, **served}
             ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
+    shared.clear()  # the KL reference model is not needed by the vLLM stage: free it before servers start
+    if ev.vllm is not None:
+        from eval.served import serve_all
+
+        serve_all(recipe, output, records, measured, names, base_name, device, dtype, remeasure_speed)
     _summarize(measured, records, base_name)
     return _run_info(ev, measured)
 
@@ -334,9 +347,15 @@ def _summarize(measured: dict[str, dict], records: dict[str, dict], base_name: s
     from eval.recovery import recovery
 
     for name, result in measured.items():
-        summary = {k: v for k, v in result.items() if k not in ("eval_key", "speed_key", "bandwidth")}
+        summary = {k: v for k, v in result.items() if k not in ("eval_key", "speed_key", "vllm_key", "bandwidth")}
         if "per_round" in summary.get("speed_ratio", {}):  # the rounds stay in eval/<variant>.json
             summary["speed_ratio"] = {k: v for k, v in summary["speed_ratio"].items() if k != "per_round"}
+        if "per_round" in (summary.get("vllm") or {}).get("speed_ratio", {}):
+            sr = summary["vllm"]["speed_ratio"]
+            summary["vllm"] = {**summary["vllm"], "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
+        if "tasks" in (summary.get("vllm") or {}):
+            summary["vllm"] = {**summary["vllm"], "tasks": {t: {k: v for k, v in sc.items() if k != "items"}
+                                                            for t, sc in summary["vllm"]["tasks"].items()}}
         if "tasks" in summary:
             summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
         records[name].update(summary)

@@ -25,9 +25,13 @@ def pytest_sessionstart(session):
 
         if converter_dir(fetch=False) is None:
             missing.append("llama.cpp's converter (python -m compress.llamacpp fetch-converter)")
+    from eval.engines import vllm_env
+
+    if vllm_env.installed("cpu") is None:
+        missing.append("vLLM's environment (python -m eval.engines.vllm_env install)")
     if missing:
-        raise pytest.UsageError(f"CI=true but {missing} not installed: .ci/run installs the edge extra so that "
-                                f"the bitsandbytes and llama.cpp tests run")
+        raise pytest.UsageError(f"CI=true but {missing} not installed: .ci/run installs the edge extra and "
+                                f"vLLM's environment so that the bitsandbytes, llama.cpp and vLLM tests run")
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",

