@@ -260,7 +260,7 @@ def sweep(server, pids, settings, vocab: int, threshold: float) -> list[dict]:
     return levels
 
 
-def measure(server, *, ev, record: dict, env: dict, tokenizer, ppl_ids, reference_greedy: list[list[int]],
+def measure(server, *, ev, record: dict, tokenizer, ppl_ids, reference_greedy: list[list[int]],
             transformers_ppl: dict | None, bandwidth: dict | None, base_decoder=None) -> dict:
     """Every vLLM figure of one variant from its running `server` (see the module docstring)."""
     from eval import throughput
@@ -424,7 +424,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                     server.start()
                     log.info("stage vllm: %s ready in %.0f s (kernels: %s)", name, server.load_s,
                              ", ".join(vllm.kernels(server.log())) or "plain GEMM")
-                    result = measure(server, ev=ev, record=record, env=env, tokenizer=tok, ppl_ids=ppl_ids,
+                    result = measure(server, ev=ev, record=record, tokenizer=tok, ppl_ids=ppl_ids,
                                      reference_greedy=reference, transformers_ppl=reference_ppl,
                                      bandwidth=bandwidth, base_decoder=base_decoder)
                 except vllm.ServerFailed as e:
@@ -436,7 +436,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                     result = {"status": "failed", "reason": one_line(e, output)}
                 finally:  # also on SystemExit (SIGTERM) and KeyboardInterrupt: no server outlives the run
                     server.stop()
-                result.update(serve_command=record["serve"], harness_flags=server.harness_flags[6:],
+                result.update(serve_command=record["serve"], harness_flags=server.extra_flags,
                               env_vars=server.env_vars, log=f"eval/{name}.vllm.log")
                 ownership.write_owned(output, f"eval/{name}.vllm.log", server.log())
             result.update(engine=engine, measure_seconds=round(time.perf_counter() - t0, 1))

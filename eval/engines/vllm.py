@@ -110,9 +110,10 @@ class Server:
                  extra_flags: list[str] = (), env_vars: dict | None = None, ready_timeout_s: float = 900):
         self.env, self.folder, self.name, self.log_path = env, Path(folder), name, Path(log_path)
         self.port = free_port()
-        self.flags = list(flags)
+        self.flags = list(flags)  # the model card's
+        self.extra_flags = list(extra_flags)  # what the harness adds beside the address and the model name
         self.harness_flags = ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port),
-                              *extra_flags]
+                              *self.extra_flags]
         self.env_vars = dict(env_vars or {})
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
