@@ -147,6 +147,11 @@ def check_resources(recipe: Recipe, source: Source, config, device: str, dtype, 
     if students:
         items[output].append((f"{len(students)} distilled student(s)",
                               len(students) * resources.student_write_bytes(config, dtype_bytes)))
+    ev = recipe.evaluation
+    unmeasured = [v for v in recipe.variants if not (output / "eval" / f"{v.name}.json").is_file()]
+    if ev.enabled and ev.perplexity and len(recipe.variants) > 1 and unmeasured:  # written while measuring
+        items[output].append(("the baseline's log-probabilities for KL (removed after the run)",
+                              resources.kl_reference_bytes(ev, config)))
     offload = recipe.model.offload
     if offload and to_build:
         folder = Path(offload.folder) if offload.folder else output

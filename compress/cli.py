@@ -1,4 +1,4 @@
-"""`compress run RECIPE.yaml [--dry-run] [--remeasure-speed]`, `compress plan RECIPE.yaml`, `compress report RUN_DIR [...]`.
+"""`compress run RECIPE.yaml [--dry-run] [--remeasure-speed] [--cluster ADDRESS]`, `compress plan RECIPE.yaml`, `compress report RUN_DIR [...]`.
 
 Exit codes: 0 every variant ok, 1 some variant failed (the others are still written), 2 bad input (nothing
 written).
@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="build (or reuse) every variant's checkpoint and write results.json")
     run.add_argument("recipe", type=Path)
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
+    run.add_argument("--cluster", metavar="ADDRESS", default=None,
+                     help="run each variant's build and measurement as Ray tasks: 'local' (a Ray instance on this "
+                          "machine), 'auto' (RAY_ADDRESS), ray://HOST:PORT or HOST:PORT; overrides the recipe's "
+                          "cluster.address. Same results as a serial run")
     run.add_argument("--remeasure-speed", action="store_true",
                      help="time every row's decode speed again (e.g. on a quieter machine); accuracy stays cached")
     plan = sub.add_parser("plan", parents=[common],
@@ -72,7 +76,7 @@ def _main(args) -> int:
             return 0
         from compress.run import run
 
-        return run(recipe, args.recipe, remeasure_speed=args.remeasure_speed)
+        return run(recipe, args.recipe, remeasure_speed=args.remeasure_speed, cluster=args.cluster)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -238,15 +238,17 @@ def load_config(source: Source):
     return AutoConfig.from_pretrained(source.path)
 
 
-def resolve_device_dtype(spec: ModelSpec):
+def resolve_device_dtype(spec: ModelSpec, cluster_gpus: float | None = None):
     """'auto' means fp32 on CPU (no bf16 units on the target CPUs; bf16 is emulated and 5-10x slower) and bf16 on
-    GPU."""
+    GPU. `cluster_gpus`: the GPUs of the Ray cluster the variants run on (compress/cluster.py), whose nodes, not
+    this process, decide: a driver without a GPU still runs a GPU sweep there."""
     import torch
 
+    has_gpu = torch.cuda.is_available() if cluster_gpus is None else cluster_gpus > 0
     device = spec.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+        device = "cuda" if has_gpu else "cpu"
+    elif device == "cuda" and not has_gpu:
         raise InputError("model.device: 'cuda' was asked for but torch sees no GPU (expected 'auto' or 'cpu')")
     dtype = spec.dtype
     if dtype == "auto":

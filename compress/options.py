@@ -337,6 +337,41 @@ class VLLMSettings(_Strict):
     ready_timeout_s: float = Field(900, gt=0)  # a server not healthy by then is a failed row
 
 
+class ClusterSettings(_Strict):
+    """Run the variants on a Ray cluster (compress/cluster.py): each variant's build, then its measurement, is one
+    Ray task with these resource requests, so a GPU variant waits for a free GPU. `compress run --cluster ADDRESS`
+    sets (or overrides) `address`. The results are those of a serial run: same cache keys, same checkpoints."""
+
+    # "local": a Ray instance on this machine (to try it out); "auto": the cluster in RAY_ADDRESS (or the one
+    # started here with `ray start`); "ray://HOST:PORT" (Ray client) or "HOST:PORT" (the head's GCS, on a node)
+    address: str = "local"
+    # torch threads per task; None: the driver's own (all the cores compress may use where `compress run` runs).
+    # On a CPU, GPTQ-family weights depend on the thread count (measured: the lab's gptq-w4a16 and w8a8-int8 built
+    # with 1 thread differ from the serial run's 2 threads; RTN, AWQ and FP8 do not), so the default reproduces a
+    # serial run on the driver's machine bit for bit
+    threads: int | None = Field(None, gt=0)
+    cpus_per_variant: float | None = Field(None, gt=0)  # Ray's num_cpus per task; None: `threads`
+    gpus_per_variant: float | None = Field(None, ge=0)  # None: 1 when the run's device is cuda, else 0
+    memory_gb: float | None = Field(None, gt=0)  # host memory each task reserves; None: no memory request
+    # retries of a task whose worker died (killed, node lost); a variant that fails for its own reason is a failed
+    # row at once, never retried
+    max_retries: int = Field(2, ge=0)
+    local_cpus: int | None = Field(None, gt=0)  # "local" only: CPUs of the local instance (None: all)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, a: str) -> str:
+        a = a.strip()
+        if a in ("local", "auto") or _host_port(a.removeprefix("ray://")):
+            return a
+        raise ValueError(f"expected 'local', 'auto', 'ray://HOST:PORT' or 'HOST:PORT', got {a!r}")
+
+
+def _host_port(a: str) -> bool:
+    host, _, port = a.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536 and "/" not in host
+
+
 class PlannerSettings(_Strict):
     """The serving shape the memory planner sizes the KV cache for (`compress plan`, `--dry-run`)."""
 

@@ -236,6 +236,42 @@ def write_owned(root: Path, rel: str, data: bytes | str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def owned_stream(root: Path, rel: str):
+    """`write_owned` for a file too large to hold in memory: yields `write(bytes)`, which appends to a temporary
+    file beside `root/rel`; when the block ends without error the file replaces `root/rel` (if absent or provably
+    compress's, else ForeignPathError) and the ledger records its sha256. On error nothing is left behind."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(staging_name(path.name))
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            def write(raw: bytes) -> None:
+                digest.update(raw)
+                f.write(raw)
+
+            yield write
+        with _ledger(root) as files:
+            if not _owned(path, rel, files):
+                raise ForeignPathError(foreign_file_message(path))
+            os.replace(tmp, path)
+            files[rel] = digest.hexdigest()
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_owned(root: Path, rel: str) -> bool:
+    """Delete `root/rel` if the ledger says compress wrote it (and forget it); returns whether it was deleted."""
+    path = root / rel
+    with _ledger(root) as files:
+        if rel not in files or path.is_symlink() or not path.is_file():
+            return False
+        path.unlink()
+        del files[rel]
+    return True
+
+
 def write_atomic(path: Path, raw: bytes) -> None:
     """A reader sees the old file or the new one, never half of one; a failed write leaves no temporary file."""
     tmp = path.with_name(staging_name(path.name))

@@ -25,7 +25,7 @@ from compress.backends.bnb import BNB_METHODS, BnbVariant
 from compress.backends.gguf import GGUF_TYPE_BITS, GGUF_UNQUANTIZED, GGUFVariant
 from compress.backends.llmcompressor import CALIBRATED_METHODS, GROUPED_METHODS, METHOD_BITS, LLMCompressorVariant
 from compress.backends.unchanged import UnchangedVariant
-from compress.options import (EMBEDDED_MODEL, RESERVED_NAMES, Calibration, Distill, Evaluation, InputError, KVCache,
+from compress.options import (EMBEDDED_MODEL, RESERVED_NAMES, Calibration, ClusterSettings, Distill, Evaluation, InputError, KVCache,
                               ModelSpec, Offload, PerplexitySettings, PlannerSettings, Student, ThroughputSettings,
                               VariantBase, _Strict)
 
@@ -55,6 +55,9 @@ class Recipe(_Strict):
     variants: list[Variant] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: str
+    # run the variants as Ray tasks (compress/cluster.py); None: one after another in this process. Not part of any
+    # cache key: where a variant ran does not change what it is
+    cluster: ClusterSettings | None = None
 
     _baseline_added: bool = PrivateAttr(False)
 

@@ -271,6 +271,9 @@ class Record(BaseModel):
     gguf: dict | None = None
     serve: str | None = None
     environment: dict | None = None
+    # where it ran on a Ray cluster (compress/cluster.py): the address, and per stage ("build", "measure") the node
+    # id and IP, hostname, pid, GPUs Ray gave the task, its seconds; absent on a serial run
+    cluster: dict | None = None
     # the run: KV-cache memory at the planner's serving shape
     kv_memory: KVMemory | None = None
     # the evaluation (eval/measure.py)
@@ -313,6 +316,7 @@ class Results(BaseModel):
     evaluation: dict | None = None
     bandwidth: dict | None = None
     evaluation_error: str | None = None
+    cluster: dict | None = None  # the Ray cluster the variants ran on: address, dashboard, nodes, settings
     variants: list[Record]
 
     def dump(self) -> dict:

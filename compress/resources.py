@@ -26,7 +26,7 @@ MARGIN = 1.10  # on every estimate: safetensors headers, config and card files, 
 RUNTIME_BYTES = 0.5 * GB  # torch, transformers, llm-compressor and lm-eval resident before any model is loaded
 # Peak resident memory of a CPU run in units of the model's full-precision weights: building a variant holds the
 # loaded model, the copy the self-check reloads and the calibration activations; the evaluation stage holds the
-# baseline (the KL reference) plus the variant being measured. Measured on SmolLM2-135M (0.54 GB fp32): the largest
+# variant being measured (the baseline's log-probabilities, the KL reference, are read from a file). Measured on SmolLM2-135M (0.54 GB fp32): the largest
 # per-variant peak of the lab's compress stage was 1.85 GB (AWQ), about 3 copies of the weights plus the libraries
 # (README, "Your files, the disk and memory").
 PEAK_WEIGHT_COPIES = 3.0
@@ -155,3 +155,17 @@ def one_line(e: BaseException, where: Path, need_bytes: int | None = None) -> st
         return (f"out of memory while building or measuring {where}; {(have or 0) / GB:.3g} GB available now. "
                 f"Nothing of it was marked complete; set model.offload or use a smaller dtype, then run again")
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:2000]
+
+
+def kl_reference_bytes(ev, config) -> int:
+    """An upper bound on the size of the baseline's log-probabilities for KL (eval/perplexity.ReferenceFile):
+    scored tokens x vocabulary x 4 bytes; the scored tokens are at most max_windows x context, or the text's
+    length at ~3 bytes per token when the windows are not capped."""
+    p = ev.perplexity
+    if p is None:
+        return 0
+    if p.max_windows:
+        tokens = p.max_windows * p.context
+    else:
+        tokens = (Path(ev.data_dir).expanduser() / p.file).stat().st_size // 3
+    return int(tokens * config.vocab_size * 4)

@@ -14,15 +14,17 @@ results.json is rewritten after every variant (compress/record.py is its schema)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress import checkpoint, ownership, resources
 from compress.build import Job
 from compress.checks import check_inputs, check_resources
 from compress.keys import cache_key, variant_versions
-from compress.load import load_config, resolve_device_dtype
+from compress.load import Source, load_config, resolve_device_dtype
 from compress.options import InputError
 from compress.record import RESULTS, Record, Results, parse_record
 from compress.recipe import Recipe
@@ -30,70 +32,167 @@ from compress.recipe import Recipe
 log = logging.getLogger("compress")
 
 
-def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False) -> int:
-    """Build every variant, measure it, write results.json and the report. Returns the exit code: 0 all ok, 1 some
-    variant (or the evaluation) failed. `remeasure_speed`: time every row again, reusing the cached accuracy."""
-    from tqdm import tqdm
+@dataclass
+class RunState:
+    """What every variant's build and measurement share: decided once, by the process that runs the recipe (and
+    handed as is to a cluster's tasks, so that they compute nothing the serial run would compute otherwise)."""
 
-    from compress.environment import configure_cpu, environment, release_freed_memory
+    recipe: Recipe
+    recipe_path: Path
+    source: Source
+    source_info: dict
+    device: str
+    dtype: object
+    env: dict
+    versions: dict  # the library versions in the cache keys: a cluster node must have the same
+    output: Path
+    keys: dict[str, str]  # variant -> cache key
+    needs: dict[str, int]  # variant -> estimated bytes written (for a failed build's message)
+    remeasure_speed: bool = False
+    cwd: str = field(default_factory=os.getcwd)  # relative recipe paths resolve against it, on every node
+    only_baseline: bool = False
+
+
+def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False, cluster: str | None = None) -> int:
+    """Build every variant, measure it, write results.json and the report. Returns the exit code: 0 all ok, 1 some
+    variant (or the evaluation) failed. `remeasure_speed`: time every row again, reusing the cached accuracy.
+    `cluster`: a Ray address (compress/cluster.py) overriding the recipe's `cluster.address`; with either, each
+    variant's build and measurement is a Ray task, and the results are the same."""
+    from compress.environment import configure_cpu, environment
 
     configure_cpu()
     log.info("stage check-inputs: %s", recipe_path)
     source = check_inputs(recipe, recipe_path, prepare=True)
-    device, dtype = resolve_device_dtype(recipe.model)
-    env = environment(device, dtype)
-    versions = {k: env[k] for k in ("compress", "torch", "transformers", "llmcompressor", "compressed_tensors")}
-    output = Path(recipe.output)
-    config = load_config(source)
-    keys = {v.name: cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
-            for v in recipe.variants}
-    needs = check_resources(recipe, source, config, device, dtype, output, keys)
-    output.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_stale_staging(output)
+    conn = None
+    from compress import cluster as ray_cluster
 
-    # transformers runs no code shipped with a model unless trust_remote_code=True, which compress never passes
-    source_info = {"kind": source.kind, "description": source.description, "path": source.path,
-                   "note": source.note, "trust_remote_code": False}
-    records: dict[str, dict] = {}
-    windows: dict[tuple, list[list[int]]] = {}  # (samples, seq_len) -> token windows, tokenized once per run
-    failed = 0
-    results = Results(recipe=str(recipe_path), model=source_info, environment=env, variants=[])
-    bar = tqdm(recipe.variants, desc="variants", unit="variant")
-    for v in bar:
-        bar.set_postfix_str(v.name)
-        dest = output / v.name
-        cached = _cached(dest, keys[v.name])
-        if cached is not None:
-            log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
-            records[v.name] = {**cached, "cached": True}
+    settings = ray_cluster.settings_for(recipe, cluster)
+    if settings is not None:
+        conn = ray_cluster.connect(settings)
+    try:
+        device, dtype = resolve_device_dtype(recipe.model, cluster_gpus=conn.gpus if conn else None)
+        env = environment(device, dtype)
+        versions = {k: env[k] for k in ("compress", "torch", "transformers", "llmcompressor", "compressed_tensors")}
+        output = Path(recipe.output)
+        config = load_config(source)
+        keys = {v.name: cache_key(recipe, v, source, device, dtype, variant_versions(v, versions, env))
+                for v in recipe.variants}
+        needs = check_resources(recipe, source, config, device, dtype, output, keys)
+        if conn is not None:
+            ray_cluster.check_visible(output, _inputs(recipe, source))
+        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_staging(output)
+        # transformers runs no code shipped with a model unless trust_remote_code=True, which compress never passes
+        source_info = {"kind": source.kind, "description": source.description, "path": source.path,
+                       "note": source.note, "trust_remote_code": False}
+        state = RunState(recipe, recipe_path, source, source_info, device, dtype, env, versions, output, keys, needs,
+                         remeasure_speed)
+        results = Results(recipe=str(recipe_path), model=source_info, environment=env, variants=[])
+        if conn is not None:
+            failed = _run_on_cluster(conn, state, results, config)
         else:
-            job = Job(recipe, source, source_info, device, dtype, env, keys[v.name], dest, windows)
-            try:
-                records[v.name] = build(job, v)
-            except (InputError, KeyboardInterrupt):
-                raise
-            except Exception as e:
-                failed += 1
-                error = resources.one_line(e, dest, needs.get(v.name))
-                log.error("variant %s FAILED: %s", v.name, error)
-                log.debug("variant %s traceback:\n%s", v.name, traceback.format_exc())
-                records[v.name] = {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed",
-                                   "error": error, "checkpoint": None, "environment": env}
-            release_freed_memory()  # each variant's peak starts from a clean heap, not the last one's high-water mark
-        _write(results, records, output)
-    add_kv_memory(recipe, records, config)
-    if recipe.evaluation.enabled:
-        failed += measure(recipe, output, records, device, dtype, source_info, results, remeasure_speed)
-        _write(results, records, output)
+            failed = _run_here(state, results, config)
+    finally:
+        if conn is not None:
+            ray_cluster.disconnect()
     from compress.report import write_report
 
     paths = write_report(results.dump(), output)
-    log.info("stage done: %d variants, %d failed; results in %s, report in %s", len(records), failed,
+    log.info("stage done: %d variants, %d failed; results in %s, report in %s", len(results.variants), failed,
              output / RESULTS, paths["md"])
     return 1 if failed else 0
 
 
-def _cached(dest: Path, key: str) -> dict | None:
+def _run_here(state: RunState, results: Results, config) -> int:
+    """The serial run: every variant built (or reused) in this process, one after another, then measured."""
+    from tqdm import tqdm
+
+    records: dict[str, dict] = {}
+    windows: dict[tuple, list[list[int]]] = {}  # (samples, seq_len) -> token windows, tokenized once per run
+    bar = tqdm(state.recipe.variants, desc="variants", unit="variant")
+    for v in bar:
+        bar.set_postfix_str(v.name)
+        records[v.name] = build_variant(state, v, state.env, windows)
+        _write(results, records, state.output)
+    failed = sum(r["status"] != "ok" for r in records.values())
+    add_kv_memory(state.recipe, records, config)
+    if state.recipe.evaluation.enabled:
+        failed += measure(state, records, results)
+        _write(results, records, state.output)
+    return failed
+
+
+def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
+    """The same run as Ray tasks (compress/cluster.py); results.json is written here, as each variant is built."""
+    from compress import cluster as ray_cluster
+    from eval.measure import evaluation_order, finish, remove_reference, run_info
+
+    written: dict[str, dict] = {}
+
+    def on_record(name: str, record: dict) -> None:
+        written[name] = record
+        _write(results, {v.name: written[v.name] for v in state.recipe.variants if v.name in written}, state.output)
+
+    results.cluster = conn.info()
+    records, measured, errors = ray_cluster.run_variants(conn, state, on_record)
+    failed = sum(r["status"] != "ok" for r in records.values())
+    add_kv_memory(state.recipe, records, config)
+    if state.recipe.evaluation.enabled:
+        names, base_name = evaluation_order(records)
+        remove_reference(state.recipe, state.output, records.get(base_name), state.device)
+        finish({n: measured[n] for n in names if n in measured}, records, base_name)
+        for key, value in run_info(state.recipe.evaluation, measured).items():
+            setattr(results, key, value)
+        if errors:
+            failed += 1
+            results.evaluation_error = "; ".join(errors)
+        refresh_cards(records, state.source_info)
+    _write(results, records, state.output)
+    return failed
+
+
+def _inputs(recipe: Recipe, source: Source) -> dict[str, Path]:
+    """What every node of a cluster must see besides the output: the model, the data, the working directory."""
+    out = {"the model source": Path(source.path), "the working directory": Path.cwd()}
+    if recipe.calibration is not None:
+        out["calibration.source"] = Path(recipe.calibration.source)
+    ev = recipe.evaluation
+    if ev.tasks or ev.perplexity:
+        out["evaluation.data_dir"] = Path(ev.data_dir).expanduser()
+    for v in recipe.variants:
+        if v.distill:
+            out[f"{v.name}: distill.data"] = Path(v.distill.data)
+    return out
+
+
+def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
+    """One variant's record: its complete checkpoint reused (same cache key, files matching their sha256), or built
+    by its backend; a variant that fails for its own reason is a failed record, not an exception. `env`: the
+    environment of the process that builds it (recorded in the record)."""
+    from compress.environment import release_freed_memory
+
+    dest = state.output / v.name
+    cached = cached_record(dest, state.keys[v.name])
+    if cached is not None:
+        log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
+        return {**cached, "cached": True}
+    job = Job(state.recipe, state.source, state.source_info, state.device, state.dtype, env, state.keys[v.name], dest,
+              windows)
+    try:
+        return build(job, v)
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        error = resources.one_line(e, dest, state.needs.get(v.name))
+        log.error("variant %s FAILED: %s", v.name, error)
+        log.debug("variant %s traceback:\n%s", v.name, traceback.format_exc())
+        return {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed", "error": error,
+                "checkpoint": None, "environment": env}
+    finally:
+        release_freed_memory()  # each variant's peak starts from a clean heap, not the last one's high-water mark
+
+
+def cached_record(dest: Path, key: str) -> dict | None:
     """The record of a complete checkpoint built with this cache key whose files still match their sha256, or None
     (then it is built again; a record this version cannot read counts as none)."""
     from pydantic import ValidationError
@@ -130,30 +229,36 @@ def build(job: Job, v) -> dict:
             shutil.rmtree(job.offload_dir, ignore_errors=True)
 
 
-def measure(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype, source_info: dict,
-            results: Results, remeasure_speed: bool = False) -> int:
+def measure(state: RunState, records: dict[str, dict], results: Results) -> int:
     """Evaluate every ok variant (eval/measure.py), then refresh the model cards with the figures. Returns the
     number of failures (0 or 1: an evaluation that failed is one line in results.json)."""
-    from compress.card import model_card
     from eval.measure import evaluate_run
 
     failed = 0
     try:
-        for key, value in evaluate_run(recipe, output, records, device, dtype, remeasure_speed).items():
+        for key, value in evaluate_run(state.recipe, state.output, records, state.device, state.dtype,
+                                       state.remeasure_speed).items():
             setattr(results, key, value)  # the run's evaluation settings and bandwidth
     except (InputError, KeyboardInterrupt):
         raise
     except Exception as e:
         failed = 1
-        error = resources.one_line(e, output / "eval")
+        error = resources.one_line(e, state.output / "eval")
         log.error("evaluation FAILED: %s", error)
         log.debug("evaluation traceback:\n%s", traceback.format_exc())
         results.evaluation_error = error
-    for record in records.values():  # the model cards gain the figures just measured
+    refresh_cards(records, state.source_info)
+    return failed
+
+
+def refresh_cards(records: dict[str, dict], source_info: dict) -> None:
+    """The model cards gain the figures just measured."""
+    from compress.card import model_card
+
+    for record in records.values():
         folder = Path(record["checkpoint"] or "")
         if record["status"] == "ok" and {"perplexity", "tasks", "throughput", "vllm"} & set(record):
             record["size_bytes"] = checkpoint.refresh_card(folder, model_card(record, source_info, folder))
-    return failed
 
 
 def add_kv_memory(recipe: Recipe, records: dict[str, dict], config) -> None:

@@ -2,7 +2,9 @@
 
 What is measured is what ships: each variant is reloaded from its checkpoint folder by the engine that serves its
 format (eval/engines/: transformers for Hugging Face folders, llama.cpp for GGUF files), as a user would. The
-baseline is evaluated first and kept loaded as the KL reference, so both models see identical token windows.
+baseline is evaluated first; its pass saves its log-probabilities on the perplexity windows (the KL reference,
+eval/perplexity.ReferenceFile), so every other row sees identical token windows with one model in memory, in this
+process or in a cluster task on another machine (compress/cluster.py runs `evaluate_variant` per variant).
 
 Results are cached per variant in `<output>/eval/<variant>.json` under two keys: the evaluation key (the
 checkpoint's cache key, the evaluation settings, the data files' digests, the lm-eval version) for what does not
@@ -129,66 +131,99 @@ def _read_cached(path: Path) -> dict | None:
     return cached if isinstance(cached, dict) else None
 
 
+def evaluation_order(records: dict[str, dict]) -> tuple[list[str], str | None]:
+    """The ok variants, baseline first (every other row's KL reference and speed reference), and its name."""
+    names = sorted((n for n, r in records.items() if r["status"] == "ok"),
+                   key=lambda n: records[n]["method"] != "baseline")
+    return names, next((n for n in names if records[n]["method"] == "baseline"), None)
+
+
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,
                  remeasure_speed: bool = False) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
     `remeasure_speed`: time every row again even where its cached speed figures are current."""
     from tqdm import tqdm
 
-    from compress.environment import release_freed_memory, reset_peak_memory
-
     ev = recipe.evaluation
-    eval_dir = output / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    names = sorted((n for n, r in records.items() if r["status"] == "ok"),
-                   key=lambda n: records[n]["method"] != "baseline")
-    base_name = next((n for n in names if records[n]["method"] == "baseline"), None)
+    names, base_name = evaluation_order(records)
     base = records.get(base_name)
-    shared = {"reference": None, "ppl_ids": None}  # the baseline model (KL reference) and the perplexity tokens
+    shared = {"ppl_ids": None}  # the perplexity text's tokens, tokenized once per run
     measured: dict[str, dict] = {}
     for name in tqdm(names, desc="evaluate", unit="variant"):
-        record = records[name]
-        key = eval_key(ev, record["cache_key"], device, gguf=bool(record.get("gguf")))
-        skey = speed_key(ev, record, base, device)
-        path = eval_dir / f"{name}.json"
-        cached = _read_cached(path)
-        quality, served = None, {}
-        if cached and cached.get("eval_key") == key:
-            quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS + SERVED_FIELDS}
-            served = {k: cached[k] for k in SERVED_FIELDS if k in cached}  # checked against its own key below
-            if skey is None or (cached.get("speed_key") == skey and not remeasure_speed):
-                log.info("stage evaluate: %s unchanged, reusing %s", name, path)
-                measured[name] = cached
-                continue
-        if quality is None:
-            log.info("stage evaluate: %s from %s", name, record["checkpoint"])
-            release_freed_memory()
-            reset_peak_memory(device)  # this variant's peak (the baseline stays loaded as the KL reference)
-            quality = measure_variant(recipe, record, key, device, dtype, base, shared)
-            # kept before speed is timed: a run killed while timing keeps the tasks it measured
-            ownership.write_owned(output, f"eval/{name}.json", json.dumps(quality, indent=2) + "\n")
-        else:
-            log.info("stage evaluate: %s: perplexity and tasks unchanged (cached), timing its speed", name)
-        measured[name] = {**quality, **served}
-        if skey is not None:
-            speed = measure_speed(ev, record, base, measured.get(base_name), device, dtype)
-            measured[name] = {**quality, **speed, "speed_key": skey, **served}
-            ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
-    shared.clear()  # the KL reference model is not needed by the vLLM stage: free it before servers start
+        measured[name] = evaluate_variant(recipe, output, records[name], base, measured.get(base_name), device, dtype,
+                                          remeasure_speed, shared, keep_reference=len(names) > 1)
     if ev.vllm is not None:
         from eval.served import serve_all
 
         serve_all(recipe, output, records, measured, names, base_name, device, dtype, remeasure_speed)
-    _summarize(measured, records, base_name)
-    return _run_info(ev, measured)
+    remove_reference(recipe, output, base, device)
+    finish(measured, records, base_name)
+    return run_info(ev, measured)
 
 
-def measure_variant(recipe: Recipe, record: dict, key: str, device: str, dtype, base: dict | None,
-                    shared: dict) -> dict:
+def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | None, base_measured: dict | None,
+                     device: str, dtype, remeasure_speed: bool = False, shared: dict | None = None,
+                     keep_reference: bool = True) -> dict:
+    """One ok variant's figures (what eval/<variant>.json holds), measured or reused: perplexity, KL and tasks under
+    the evaluation key, speed under the speed key. `base_measured`: the baseline's own figures (its speed is every
+    ratio's reference), None for the baseline itself. `keep_reference`: the baseline's pass saves its
+    log-probabilities for the other rows' KL (ReferenceFile). Used the same way by the serial loop and by a cluster
+    task (compress/cluster.py)."""
+    from compress.environment import release_freed_memory, reset_peak_memory
+
+    ev = recipe.evaluation
+    shared = {"ppl_ids": None} if shared is None else shared
+    name = record["name"]
+    (output / "eval").mkdir(exist_ok=True)
+    key = eval_key(ev, record["cache_key"], device, gguf=bool(record.get("gguf")))
+    skey = speed_key(ev, record, base, device)
+    path = output / "eval" / f"{name}.json"
+    cached = _read_cached(path)
+    quality, served = None, {}
+    if cached and cached.get("eval_key") == key:
+        quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS + SERVED_FIELDS}
+        served = {k: cached[k] for k in SERVED_FIELDS if k in cached}  # checked against its own key (eval/served.py)
+        if skey is None or (cached.get("speed_key") == skey and not remeasure_speed):
+            log.info("stage evaluate: %s unchanged, reusing %s", name, path)
+            return cached
+    if quality is None:
+        log.info("stage evaluate: %s from %s", name, record["checkpoint"])
+        release_freed_memory()
+        reset_peak_memory(device)
+        quality = measure_variant(recipe, output, record, key, device, dtype, base, shared, keep_reference)
+        # kept before speed is timed: a run killed while timing keeps the tasks it measured
+        ownership.write_owned(output, f"eval/{name}.json", json.dumps(quality, indent=2) + "\n")
+    else:
+        log.info("stage evaluate: %s: perplexity and tasks unchanged (cached), timing its speed", name)
+    result = {**quality, **served}
+    if skey is not None:
+        speed = measure_speed(ev, record, base, base_measured, device, dtype)
+        result = {**quality, **speed, "speed_key": skey, **served}
+        ownership.write_owned(output, f"eval/{name}.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def reference_rel(ev: Evaluation, base: dict, device: str) -> str:
+    """Where the baseline's log-probabilities for KL are kept (eval/perplexity.ReferenceFile), named by the
+    baseline's evaluation key: another checkpoint, text or window setting is another file."""
+    return f"eval/{base['name']}.logprobs-{eval_key(ev, base['cache_key'], device, bool(base.get('gguf')))}.f32"
+
+
+def remove_reference(recipe: Recipe, output: Path, base: dict | None, device: str) -> None:
+    """Every row is measured: delete the baseline's log-probabilities (GBs; a later run that adds a variant makes
+    them again in one baseline pass). A run killed before this point keeps them for the rerun."""
+    if base is not None and recipe.evaluation.perplexity:
+        rel = reference_rel(recipe.evaluation, base, device)
+        if ownership.remove_owned(output, rel):
+            log.info("stage evaluate: removed %s (the KL reference; every row is measured)", output / rel)
+
+
+def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device: str, dtype, base: dict | None,
+                    shared: dict, keep_reference: bool = True) -> dict:
     """One variant's figures, from its checkpoint. GGUF rows: perplexity, KL and decode run in llama.cpp on the file
     itself; lm-eval needs a transformers model, so the tasks read the same file dequantized (same weights, fp32
-    arithmetic). `shared` carries the baseline model (kept loaded as every later variant's KL reference: no second
-    load) and the tokenized perplexity text across variants."""
+    arithmetic). One model in memory at a time: the baseline's pass saves its log-probabilities to a file
+    (`reference_rel`) that every other row's KL reads; `shared` carries the tokenized perplexity text."""
     from transformers import AutoTokenizer
 
     from compress.environment import peak_memory_bytes
@@ -197,17 +232,24 @@ def measure_variant(recipe: Recipe, record: dict, key: str, device: str, dtype, 
     ev = recipe.evaluation
     name, folder, gguf = record["name"], Path(record["checkpoint"]), record.get("gguf")
     is_base = base is not None and name == base["name"]
-    model = None if gguf else hf.load_checkpoint(folder, dtype, device)
     tok = AutoTokenizer.from_pretrained(folder)
+    reference = None
+    if ev.perplexity and base is not None and not is_base:
+        reference = _reference(recipe, output, base, device, dtype, tok, shared)  # before this row's model loads
+    model = None if gguf else hf.load_checkpoint(folder, dtype, device)
     result: dict = {"eval_key": key}
     if record.get("kv_cache"):
         from eval.kvcache import apply_kv_cache
 
         result["kv_eval"] = apply_kv_cache(model, record)
     if ev.perplexity:
-        if not is_base and shared["reference"] is None and base is not None:
-            shared["reference"] = hf.load_checkpoint(Path(base["checkpoint"]), dtype, device)
-        result.update(_perplexity(ev, name, folder, gguf, model, tok, is_base, shared))
+        if is_base and keep_reference:
+            with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
+                result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
+                                          keep=lambda logp: write(logp.contiguous().numpy().tobytes())))
+        else:
+            result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=is_base,
+                                      reference=reference))
     if ev.tasks:
         from eval.accuracy import run_tasks
 
@@ -216,32 +258,59 @@ def measure_variant(recipe: Recipe, record: dict, key: str, device: str, dtype, 
         result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(), num_fewshot=ev.num_fewshot,
                                     limit=ev.limit, batch_size=ev.batch_size, device=device)
         result["tasks_engine"] = ("transformers, GGUF dequantized on load" if gguf else "transformers")
-    if is_base:
-        shared["reference"] = model  # the KL reference for every later variant
     del model
     result["evaluate_peak_memory_bytes"], result["evaluate_peak_memory_kind"] = peak_memory_bytes(device)
     return result
 
 
-def _perplexity(ev: Evaluation, name: str, folder: Path, gguf: dict | None, model, tok, is_base: bool,
-                shared: dict) -> dict:
-    """Perplexity on the recipe's text file and, against the baseline (shared["reference"]), KL and top-1
-    agreement (the baseline's own: 0 and 100%)."""
+def _ppl_ids(ev: Evaluation, tok, shared: dict):
+    if shared["ppl_ids"] is None:
+        text = (Path(ev.data_dir).expanduser() / ev.perplexity.file).read_text()
+        shared["ppl_ids"] = tok(text, return_tensors="pt").input_ids[0]
+    return shared["ppl_ids"]
+
+
+def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok, shared: dict):
+    """The baseline's log-probabilities on the perplexity windows (eval/perplexity.ReferenceFile), opened for
+    reading; made first (one baseline pass, the baseline alone in memory) when no complete file is there, e.g. when
+    the baseline's own figures were reused from a run before this file existed, or it was removed."""
+    from eval import perplexity
+    from eval.engines import transformers as hf
+
+    ev = recipe.evaluation
+    p = ev.perplexity
+    rows = perplexity.scored_rows(len(_ppl_ids(ev, tok, shared)), p.context, p.stride, p.max_windows)
+    rel = reference_rel(ev, base, device)
+    ref = perplexity.ReferenceFile(output / rel)
+    if not ref.complete(rows):
+        log.info("stage perplexity: writing the baseline's log-probabilities for KL (%s)", output / rel)
+        model = hf.load_checkpoint(Path(base["checkpoint"]), dtype, device)
+        with ownership.owned_stream(output, rel) as write:
+            perplexity.evaluate_tokens(model, shared["ppl_ids"], context=p.context, stride=p.stride,
+                                       max_windows=p.max_windows,
+                                       keep=lambda logp: write(logp.contiguous().numpy().tobytes()))
+        del model
+    return ref.open(rows)
+
+
+def _perplexity(ev: Evaluation, name: str, folder: Path, gguf: dict | None, model, tok, shared: dict, *,
+                is_base: bool, reference=None, keep=None) -> dict:
+    """Perplexity on the recipe's text file and, against the baseline's log-probabilities (`reference`), KL and
+    top-1 agreement (the baseline's own: 0 and 100%)."""
     from eval import perplexity
     from eval.engines import llamacpp as cpp
 
     data_dir = Path(ev.data_dir).expanduser()
-    if shared["ppl_ids"] is None:
-        text = (data_dir / ev.perplexity.file).read_text()
-        shared["ppl_ids"] = tok(text, return_tensors="pt").input_ids[0]
+    ids = _ppl_ids(ev, tok, shared)
     scorer = cpp.load(folder / gguf["file"], ev.perplexity.context) if gguf else model
     try:
-        p = perplexity.evaluate_tokens(scorer, shared["ppl_ids"], context=ev.perplexity.context,
-                                       stride=ev.perplexity.stride, max_windows=ev.perplexity.max_windows,
-                                       reference=None if is_base else shared["reference"])
+        p = perplexity.evaluate_tokens(scorer, ids, context=ev.perplexity.context, stride=ev.perplexity.stride,
+                                       max_windows=ev.perplexity.max_windows, reference=reference, keep=keep)
     finally:
         if gguf:
             scorer.close()
+        if reference is not None:
+            reference.close()
     kl = p.pop("kl", None) if not is_base else {"mean": 0.0, "stderr": 0.0, "top1_agreement": 1.0,
                                                           "tokens": p["tokens"]}
     engine = "llama.cpp" if gguf else "transformers"
@@ -341,7 +410,7 @@ def _throughput(t, name: str, folder: Path, gguf: dict | None, device: str, dtyp
     return {"bandwidth": bandwidth, "throughput": bench, "roofline": roofline}
 
 
-def _summarize(measured: dict[str, dict], records: dict[str, dict], base_name: str | None) -> None:
+def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str | None) -> None:
     """Copy each variant's figures into its record (per-item task scores stay in eval/<variant>.json), and add its
     recovery against the baseline, computed from the items (paired bootstrap)."""
     from eval.recovery import recovery
@@ -364,7 +433,7 @@ def _summarize(measured: dict[str, dict], records: dict[str, dict], base_name: s
             records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
 
 
-def _run_info(ev: Evaluation, measured: dict[str, dict]) -> dict:
+def run_info(ev: Evaluation, measured: dict[str, dict]) -> dict:
     """The run's evaluation settings, and its bandwidth: the figures every row's bound was computed with (one per
     throughput row), their median and range."""
     run_info: dict = {"evaluation": ev.model_dump(exclude={"selfcheck_prompts"})}

@@ -42,10 +42,14 @@ def window_logits(model, window):
     return model(window).logits[0]
 
 
-def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int | None, reference=None) -> dict:
-    """Perplexity of `model` on token ids (1-D tensor); with `reference` (the baseline model), also KL and top-1.
+def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int | None, reference=None,
+                    keep=None) -> dict:
+    """Perplexity of `model` on token ids (1-D tensor); with `reference`, also KL and top-1 against the baseline.
 
-    Both models see identical windows, so the per-token KL values pair exactly, whichever engine computes each.
+    `reference` is the baseline model (run on the same windows: two models in memory), or a `ReferenceFile` of the
+    log-probabilities its own pass saved with `keep(logp)` (which receives each window's scored log-probabilities
+    in order): then a variant is scored with one model in memory, and the figures are the same, since the stored
+    numbers are the very float32 values the baseline computes on the same windows.
     """
     import torch
     from tqdm import tqdm
@@ -61,13 +65,19 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
             targets = window[0, 1:].to(logp.device)
             scored = slice(first - begin - 1, end - begin - 1)  # logits at position t predict token t + 1
             nll_sum -= float(logp[scored].gather(1, targets[scored, None]).sum())
-            count += scored.stop - scored.start
+            rows = scored.stop - scored.start
+            if keep is not None:
+                keep(logp[scored])
             if reference is not None:
-                ref_logp = torch.log_softmax(window_logits(reference, window.to(reference.device))[:-1].float(),
-                                             dim=-1)
-                ref_logp, q_logp = ref_logp[scored].to(logp.device), logp[scored]
+                if isinstance(reference, ReferenceFile):
+                    ref_logp = reference(count, count + rows).to(logp.device)
+                else:  # a model, run on the same window
+                    ref_logp = torch.log_softmax(window_logits(reference, window.to(reference.device))[:-1].float(),
+                                                 dim=-1)[scored].to(logp.device)
+                q_logp = logp[scored]
                 kl_values.append(kl_per_token(ref_logp, q_logp).cpu())
                 agree += int((ref_logp.argmax(-1) == q_logp.argmax(-1)).sum())
+            count += rows
     out = {"value": math.exp(nll_sum / count), "tokens": count, "windows": len(spans), "context": context,
            "stride": stride}
     if reference is not None:
@@ -75,3 +85,52 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
         out["kl"] = {"mean": float(kl.mean()), "stderr": float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0,
                      "top1_agreement": agree / count, "tokens": count}
     return out
+
+
+class ReferenceFile:
+    """The baseline's next-token log-probabilities at every scored position, float32, row after row, in one file:
+    what every variant's KL and top-1 agreement are computed against (llama.cpp's `--kl-divergence-base` idea,
+    without its 16-bit rounding, so the figures equal those of both models loaded side by side).
+
+    Size: scored tokens x vocabulary x 4 bytes (the lab: 20,440 x 49,152 x 4 = 4.0 GB; a 128k-vocabulary model at
+    the same windows: 10.5 GB). It is written once by the baseline's pass and read by every variant a window at a
+    time (memory-mapped), so no process holds the baseline and a variant at once, and a variant measured on another
+    machine of a cluster needs only this file on the shared filesystem, not the baseline's weights in its memory.
+
+    The file name carries the baseline's evaluation key (same checkpoint, same text, same windows), and it is
+    complete when its size is rows x vocab x 4 (it is written under a temporary name and renamed).
+    """
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self._mm = None
+
+    def complete(self, rows: int) -> bool:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return False
+        return size > 0 and size % (rows * 4) == 0
+
+    def open(self, rows: int) -> "ReferenceFile":
+        import numpy as np
+
+        vocab = self.path.stat().st_size // (rows * 4)
+        self._mm = np.memmap(self.path, dtype=np.float32, mode="r", shape=(rows, vocab))
+        return self
+
+    def __call__(self, begin: int, end: int):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.array(self._mm[begin:end]))
+
+    def close(self) -> None:
+        self._mm = None
+
+
+def scored_rows(n_tokens: int, context: int, stride: int, max_windows: int | None) -> int:
+    """How many positions `evaluate_tokens` scores (the rows of a ReferenceFile)."""
+    return sum(end - first for _, end, first in window_spans(n_tokens, context, stride, max_windows))

@@ -19,7 +19,7 @@ def pytest_sessionstart(session):
     """In CI every backend is tested: a missing optional backend fails the run instead of skipping its tests."""
     if not os.environ.get("CI"):
         return
-    missing = [m for m in ("bitsandbytes", "llama_cpp") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("bitsandbytes", "llama_cpp", "ray") if importlib.util.find_spec(m) is None]
     if not missing:
         from compress.llamacpp import converter_dir
 
@@ -30,8 +30,9 @@ def pytest_sessionstart(session):
     if vllm_env.installed("cpu") is None:
         missing.append("vLLM's environment (python -m eval.engines.vllm_env install)")
     if missing:
-        raise pytest.UsageError(f"CI=true but {missing} not installed: .ci/run installs the edge extra and "
-                                f"vLLM's environment so that the bitsandbytes, llama.cpp and vLLM tests run")
+        raise pytest.UsageError(f"CI=true but {missing} not installed: .ci/run installs the edge and cluster "
+                                f"extras and vLLM's environment so that the bitsandbytes, llama.cpp, Ray and vLLM "
+                                f"tests run")
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -111,6 +112,15 @@ def perplexity_data(folder: Path) -> tuple[Path, dict]:
     (data / "text.raw").write_text(" ".join(TEXT * 10))
     return data, {"data_dir": str(data), "tasks": [], "throughput": None,
                   "perplexity": {"file": "text.raw", "context": 64, "stride": 64, "max_windows": 4}}
+
+
+def task_data(d: Path) -> Path:
+    """`d` with local files in the shared data's formats: an ARC-style task file (24 items) and a perplexity text."""
+    rows = [{"id": str(i), "question": f"Which word completes: {TEXT[i % 5][:30]}?",
+             "choices": ["fox", "dog", "scale", "model"], "gold": i % 4} for i in range(24)]
+    (d / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "text.raw").write_text(" ".join(TEXT * 10))
+    return d
 
 
 def write_recipe(tmp_path: Path, tiny_model: Path, calib_file: Path, variants: list[dict], **extra) -> Path:

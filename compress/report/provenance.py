@@ -100,6 +100,19 @@ def _compute(runs: list[dict], variants: list[dict]) -> list[str]:
                 f"{threads}", f"library versions: {versions or DASH}"]
 
     lines = _per_run(runs, describe)
+    for run in runs:
+        if c := run.get("cluster"):
+            lines.append(f"Ray cluster `{c.get('address')}`: {len(c.get('nodes') or [])} node(s), "
+                         f"{_v((c.get('settings') or {}).get('cpus_per_variant'))} CPU(s) and "
+                         f"{_v((c.get('settings') or {}).get('threads'))} torch thread(s) per task"
+                         + (f", dashboard {c['dashboard']}" if c.get("dashboard") else ""))
+    for rec in variants:  # where each task of a cluster run ran
+        c = rec.get("cluster") or {}
+        where = [f"{stage} on {c[stage].get('hostname')} ({c[stage].get('node_ip')}, pid {c[stage].get('pid')}"
+                 + (f", GPU {_v(c[stage]['gpus'])}" if c[stage].get("gpus") else "") + f", {c[stage].get('seconds')} s)"
+                 for stage in ("build", "measure") if isinstance(c.get(stage), dict)]
+        if where:
+            lines.append(f"{rec['name']}: " + "; ".join(where))
     run_env = {run.get("dir"): run.get("environment") or {} for run in runs}
     for rec in variants:  # a cached variant may have been built on other hardware or versions than its run's
         own, env = rec.get("environment") or {}, run_env.get(rec.get("run"), {})

@@ -10,7 +10,7 @@ from compress import checkpoint
 from compress import run as run_mod
 from compress.cli import main
 from compress.recipe import load_recipe
-from conftest import TEXT, write_recipe
+from conftest import task_data, write_recipe
 
 VARIANTS = [{"name": "baseline", "method": "baseline"},
             {"name": "rtn-w4", "method": "rtn", "bits": 4, "group_size": 32},
@@ -20,12 +20,7 @@ VARIANTS = [{"name": "baseline", "method": "baseline"},
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Local files in the shared data's formats: an ARC-style task file and a perplexity text."""
-    d = tmp_path_factory.mktemp("data")
-    rows = [{"id": str(i), "question": f"Which word completes: {TEXT[i % 5][:30]}?",
-             "choices": ["fox", "dog", "scale", "model"], "gold": i % 4} for i in range(24)]
-    (d / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "text.raw").write_text(" ".join(TEXT * 10))
-    return d
+    return task_data(tmp_path_factory.mktemp("data"))
 
 
 def _recipe(tmp_path, tiny_model, calib_file, data_dir, evaluation=None):

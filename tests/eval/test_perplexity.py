@@ -75,3 +75,23 @@ def test_kl_zero_against_itself_and_matches_hand_computation(models):
     assert got["kl"]["mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert got["kl"]["top1_agreement"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).float().mean()))
     assert got["kl"]["mean"] > 0
+
+
+def test_reference_file_gives_the_figures_of_both_models_loaded(models, tmp_path):
+    """The baseline's pass saves its log-probabilities; a variant scored against that file gets exactly (bit for
+    bit) the KL and top-1 of scoring it beside the loaded baseline, with one model in memory."""
+    from eval.perplexity import ReferenceFile, scored_rows
+
+    a, b = models
+    ids = _ids(230)
+    path = tmp_path / "ref.f32"
+    with open(path, "wb") as f:
+        base = evaluate_tokens(a, ids, context=64, stride=48, max_windows=4,
+                               keep=lambda logp: f.write(logp.contiguous().numpy().tobytes()))
+    rows = scored_rows(len(ids), 64, 48, 4)
+    assert rows == base["tokens"] and path.stat().st_size == rows * a.config.vocab_size * 4
+    ref = ReferenceFile(path)
+    assert ref.complete(rows) and not ReferenceFile(tmp_path / "missing").complete(rows)
+    from_file = evaluate_tokens(b, ids, context=64, stride=48, max_windows=4, reference=ref.open(rows))
+    side_by_side = evaluate_tokens(b, ids, context=64, stride=48, max_windows=4, reference=a)
+    assert from_file == side_by_side and from_file["kl"]["mean"] > 0

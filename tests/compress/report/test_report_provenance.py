@@ -72,3 +72,18 @@ def test_merged_runs_say_what_differs_per_run_and_per_variant(tmp_path):
     assert len(built) == 4 and all(l.startswith("lab-b/") and l.endswith("torch 2.13.0+cpu") for l in built)
     ppl = [l for l in sections["Perplexity and KL"] if l.startswith("perplexity of")]
     assert len(ppl) == 2 and "windows of 1,024 tokens" in ppl[1] and ppl[1].endswith("(lab-b/gptq-w4a16)")
+
+
+def test_a_cluster_run_says_where_each_task_ran():
+    results = json.loads((FIXTURE_RUN / "results.json").read_text())
+    results["cluster"] = {"engine": "ray", "address": "ray://head:10001", "dashboard": "http://head:8265",
+                          "nodes": [{"node_id": "a"}, {"node_id": "b"}], "settings": {"cpus_per_variant": 4, "threads": 4}}
+    rec = results["variants"][1]
+    rec["cluster"] = {"address": "ray://head:10001",
+                      "build": {"hostname": "gpu-3", "node_ip": "10.0.0.3", "pid": 41, "gpus": ["1"], "seconds": 12.5},
+                      "measure": {"hostname": "gpu-4", "node_ip": "10.0.0.4", "pid": 77, "gpus": [], "seconds": 30}}
+    sections = dict(provenance(results))
+    line = _line(sections, "Compute", "Ray cluster")
+    assert "`ray://head:10001`: 2 node(s), 4 CPU(s) and 4 torch thread(s) per task, dashboard http://head:8265" in line
+    where = _line(sections, "Compute", f"{rec['name']}: build on")
+    assert "build on gpu-3 (10.0.0.3, pid 41, GPU [1], 12.5 s); measure on gpu-4 (10.0.0.4, pid 77, 30 s)" in where
