@@ -359,7 +359,8 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
                 measure_refs[n] = measure.options(**_options(s, state.device, n, "measure")).remote(
                     state, n, build_refs[n], build_refs[base_name], base_ref)
         pending.update({ref: ("measure", n) for n, ref in measure_refs.items()})
-    log.info("stage cluster: %d build and %d measure task(s) submitted (%g CPU, %g GPU each%s)%s", len(build_refs),
+    log.info("stage cluster: %d build and %d measure task(s) submitted (%g CPU, %g GPU each%s)%s",
+             len(build_refs) - len(records),
              len(measure_refs), s.cpus_per_variant, _options(s, state.device, "", "")["num_gpus"],
              f", {s.memory_gb:g} GB" if s.memory_gb else "", f"; dashboard {conn.dashboard}" if conn.dashboard else "")
     measured: dict[str, dict] = {}
