@@ -322,6 +322,7 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
     variant's failed row."""
     import ray
 
+    from compress.resources import one_line
     from compress.run import cached_record
 
     s = conn.settings
@@ -375,7 +376,7 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
             if isinstance(cause, InputError):
                 raise cause from None
-            error = _one_line(cause, state.output)
+            error = one_line(cause, state.output)
             if stage == "build":
                 records[name] = _failed(state, name, error)
                 on_record(name, records[name])
@@ -409,12 +410,6 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
 
 
 def _failed(state, name: str, error: str) -> dict:
-    v = next(v for v in state.recipe.variants if v.name == name)
-    return {"name": name, "method": v.method, "scheme": v.scheme, "status": "failed", "error": error,
-            "checkpoint": None, "environment": state.env}
+    from compress.run import failed_record
 
-
-def _one_line(e: BaseException, output: Path) -> str:
-    from compress.resources import one_line
-
-    return one_line(e, output)
+    return failed_record(next(v for v in state.recipe.variants if v.name == name), error, state.env)

@@ -165,6 +165,12 @@ def _inputs(recipe: Recipe, source: Source) -> dict[str, Path]:
     return out
 
 
+def failed_record(v, error: str, env: dict) -> dict:
+    """The row of a variant that has no checkpoint: its build failed (or, on a cluster, its task was lost)."""
+    return {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed", "error": error,
+            "checkpoint": None, "environment": env}
+
+
 def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
     """One variant's record: its complete checkpoint reused (same cache key, files matching their sha256), or built
     by its backend; a variant that fails for its own reason is a failed record, not an exception. `env`: the
@@ -186,8 +192,7 @@ def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
         error = resources.one_line(e, dest, state.needs.get(v.name))
         log.error("variant %s FAILED: %s", v.name, error)
         log.debug("variant %s traceback:\n%s", v.name, traceback.format_exc())
-        return {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed", "error": error,
-                "checkpoint": None, "environment": env}
+        return failed_record(v, error, env)
     finally:
         release_freed_memory()  # each variant's peak starts from a clean heap, not the last one's high-water mark
 
