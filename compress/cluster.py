@@ -372,28 +372,22 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
         stage, name = pending.pop(done[0])
         try:
             value, where = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-            if isinstance(cause, InputError):
-                raise cause from None
-            error = one_line(cause, state.output)
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.TaskUnschedulableError, ray.exceptions.RaySystemError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError):  # the variant's own error, raised in its task
+                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+                if isinstance(cause, InputError):
+                    raise cause from None
+                error = one_line(cause, state.output)
+            else:  # its worker or node died, every retry
+                error = (f"its {stage} task's worker was lost {s.max_retries + 1} time(s) "
+                         f"({type(e).__name__}); cluster.max_retries: {s.max_retries}")
             if stage == "build":
                 records[name] = _failed(state, name, error)
                 on_record(name, records[name])
-            elif not (records.get(name, {}).get("status") == "failed"):
+            elif records.get(name, {}).get("status") != "failed":  # a failed build's measurement says nothing new
                 errors.append(f"{name}: {error}")
             log.error("variant %s: %s FAILED: %s", name, stage, error)
-            continue
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.TaskUnschedulableError, ray.exceptions.RaySystemError) as e:
-            error = (f"its {stage} task's worker was lost {s.max_retries + 1} time(s) "
-                     f"({type(e).__name__}); cluster.max_retries: {s.max_retries}")
-            if stage == "build":
-                records[name] = _failed(state, name, error)
-                on_record(name, records[name])
-            else:
-                errors.append(f"{name}: {error}")
-            log.error("variant %s: %s", name, error)
             continue
         if where is not None:
             placements[name][stage] = where

@@ -329,7 +329,8 @@ class VLLMSettings(_Strict):
     # prefill with prompt logprobs reads ~100 tokens/s here, and emulated FP8 is far slower
     perplexity_windows: int | None = Field(10, gt=0)
     # also run evaluation.tasks through the server (lm-eval local-completions): true for every variant, or the
-    # names of the variants to run them for (each costs a full lm-eval pass)
+    # names of the variants to run them for (each costs a full lm-eval pass; a name added to the list measures that
+    # row again, not the others)
     tasks: bool | list[str] = False
     # --enforce-eager: loading takes ~30 s instead of ~3 min of torch.compile on a 2-core CPU; the report says so
     eager: bool = True

@@ -80,6 +80,10 @@ class Recipe(_Strict):
         if not any(v.method == "baseline" for v in self.variants):  # every table has its reference row
             self.variants.insert(0, UnchangedVariant(name="baseline", method="baseline"))
             self._baseline_added = True
+        served = self.evaluation.vllm.tasks if self.evaluation.vllm else False
+        if isinstance(served, list) and (unknown := [n for n in served if n not in {v.name for v in self.variants}]):
+            raise ValueError(f"evaluation.vllm.tasks: {unknown} are not variant names; expected some of "
+                             f"{[v.name for v in self.variants]} (or true for every variant)")
         return self
 
     def field_path(self, variant_index: int, field: str) -> str:
@@ -123,9 +127,9 @@ def _message(err: dict, data: dict) -> tuple[str, str]:
                 hint = " (it takes no weight quantization settings)"
             return where, f"method {method!r} does not take {key}; only {', '.join(KEY_METHODS[key])} do{hint}"
         return where, "unknown key (check the spelling; see recipes/ for the accepted keys)"
-    if kind == "value_error" and ":" in msg and msg.split(":")[0].isidentifier():
+    if kind == "value_error" and ":" in msg and all(p.isidentifier() for p in msg.split(":")[0].split(".")):
         field, msg = msg.split(":", 1)
-        return f"{where}.{field}", msg.strip()
+        return (field if where == "(top level)" else f"{where}.{field}"), msg.strip()
     got = f" (got {err['input']!r})" if kind not in ("missing",) and not isinstance(err["input"], dict) else ""
     return where, msg + got
 

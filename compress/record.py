@@ -66,6 +66,8 @@ class TaskScore(_Block):
     num_fewshot: int | None = None
     file: str | None = None
     items: list[Num] | None = None
+    # a score through vLLM (evaluation.vllm.tasks): how many items it scored as the transformers pass did
+    same_items: int | None = None
 
 
 class Recovery(_Block):

@@ -78,7 +78,6 @@ def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) ->
     """The key of a variant's perplexity, KL and task figures: what they depend on, and nothing about speed."""
     import lm_eval
 
-    data_dir = Path(ev.data_dir).expanduser()
     settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm"})
     if gguf:  # llama.cpp's attention kernel changes the logits of GGUF rows
         from compress.llamacpp import FLASH_ATTENTION  # a constant: importing it does not load llama_cpp
@@ -246,7 +245,7 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
         if is_base and keep_reference:
             with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
                 result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
-                                          keep=lambda logp: write(logp.contiguous().numpy().tobytes())))
+                                          keep=_float32_to(write)))
         else:
             result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=is_base,
                                       reference=reference))
@@ -270,6 +269,12 @@ def _ppl_ids(ev: Evaluation, tok, shared: dict):
     return shared["ppl_ids"]
 
 
+def _float32_to(write):
+    """The `keep` callback of eval/perplexity.evaluate_tokens that appends each window's log-probabilities to the
+    baseline's file (`write`: an ownership.owned_stream), as the raw float32 rows ReferenceFile reads back."""
+    return lambda logp: write(logp.contiguous().numpy().tobytes())
+
+
 def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok, shared: dict):
     """The baseline's log-probabilities on the perplexity windows (eval/perplexity.ReferenceFile), opened for
     reading; made first (one baseline pass, the baseline alone in memory) when no complete file is there, e.g. when
@@ -288,7 +293,7 @@ def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok
         with ownership.owned_stream(output, rel) as write:
             perplexity.evaluate_tokens(model, shared["ppl_ids"], context=p.context, stride=p.stride,
                                        max_windows=p.max_windows,
-                                       keep=lambda logp: write(logp.contiguous().numpy().tobytes()))
+                                       keep=_float32_to(write))
         del model
     return ref.open(rows)
 
@@ -423,7 +428,7 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
             sr = summary["vllm"]["speed_ratio"]
             summary["vllm"] = {**summary["vllm"], "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
         if "tasks" in (summary.get("vllm") or {}):
-            summary["vllm"] = {**summary["vllm"], "tasks": {t: {k: v for k, v in sc.items() if k != "items"}
+            summary["vllm"] = {**summary["vllm"], "tasks": {t: _served_summary(sc, (result.get("tasks") or {}).get(t))
                                                             for t, sc in summary["vllm"]["tasks"].items()}}
         if "tasks" in summary:
             summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
@@ -431,6 +436,16 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
         if base_name and name != base_name and "tasks" in result and "tasks" in measured.get(base_name, {}):
             base_items = {t: s["items"] for t, s in measured[base_name]["tasks"].items()}
             records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
+
+
+def _served_summary(served: dict, local: dict | None) -> dict:
+    """A task's score through vLLM without its items, plus how many items it scored as the transformers pass on the
+    same checkpoint did (`same_items`: a paired view that the two stderrs alone do not give)."""
+    out = {k: v for k, v in served.items() if k != "items"}
+    a, b = served.get("items"), (local or {}).get("items")
+    if a is not None and b is not None and len(a) == len(b):
+        out["same_items"] = sum(x == y for x, y in zip(a, b))
+    return out
 
 
 def run_info(ev: Evaluation, measured: dict[str, dict]) -> dict:

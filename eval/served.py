@@ -71,12 +71,21 @@ def key(ev, record: dict, base: dict | None, env: dict, device: str) -> str:
             "engine": {k: env.get(k) for k in ("vllm", "torch", "build", "package")}, "device": device,
             # min_tok_per_sec decides whether a row is measured, not its figures: a "too slow" row is measured
             # again when the threshold drops below its probe (serve_all)
-            "settings": ev.vllm.model_dump(exclude={"min_tok_per_sec"}), "prompts": ev.selfcheck_prompts,
+            # `tasks` names the rows whose lm-eval pass goes through vLLM: a row's key holds only its own answer,
+            # so adding a row to that list measures that row again, not every other one
+            "settings": ev.vllm.model_dump(exclude={"min_tok_per_sec", "tasks"}), "prompts": ev.selfcheck_prompts,
             "perplexity": ev.perplexity.model_dump() if ev.perplexity else None, "ppl_file": ppl_file_digest(ev),
             "throughput": ev.throughput.model_dump() if ev.throughput else None,
             "baseline": base["cache_key"] if base else None,
-            "tasks": (ev.tasks, ev.num_fewshot, ev.limit) if ev.vllm.tasks else None}
+            "tasks": (ev.tasks, ev.num_fewshot, ev.limit) if runs_tasks(ev, record["name"]) else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def runs_tasks(ev, name: str) -> bool:
+    """Whether variant `name` also runs evaluation.tasks through its vLLM server (evaluation.vllm.tasks: true for
+    every row, or the rows named)."""
+    t = ev.vllm.tasks
+    return bool(ev.tasks) and (t is True or (isinstance(t, list) and name in t))
 
 
 def ppl_windows(ev) -> int | None:
@@ -335,7 +344,7 @@ def measure(server, *, ev, record: dict, tokenizer, ppl_ids, reference_greedy: l
         log.info("stage vllm: %s %.3fx the baseline in transformers [%.3f, %.3f] (%s)%s", record["name"],
                  ratio["ratio"], ratio["ratio_lo"], ratio["ratio_hi"], ratio["verdict"],
                  ", CONTENDED" if ratio["contention"]["contended"] else "")
-    if ev.tasks and (s.tasks is True or (isinstance(s.tasks, list) and record["name"] in s.tasks)):
+    if runs_tasks(ev, record["name"]):
         from eval.accuracy import run_tasks_served
 
         t0 = time.perf_counter()
@@ -366,6 +375,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
     from transformers import AutoTokenizer
 
     from compress import ownership
+    from compress.environment import release_freed_memory
     from compress.resources import one_line
     from eval.engines import vllm, vllm_env
 
@@ -385,7 +395,6 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
         todo.append((name, vkey))
     if not todo:
         return
-    tmp = Path(tempfile.mkdtemp(prefix="compress-vllm-"))
     base_decoder, ppl_ids, bandwidth = None, None, None
 
     def server_for(record: dict, log_name: str):
@@ -394,6 +403,25 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                            extra_flags=harness_flags(ev.vllm), env_vars=env_vars(ev.vllm, env),
                            ready_timeout_s=ev.vllm.ready_timeout_s)
 
+    # transformers' side of each row's agreement first, one model at a time, before the baseline's decoder (the
+    # ratio's reference) is loaded for the whole stage: never two transformers models in memory at once
+    references: dict[str, tuple] = {}
+    reference_s: dict[str, float] = {}
+    for name, _ in todo:
+        if not_served(records[name]):
+            continue
+        t0 = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(records[name]["checkpoint"])
+        if ev.perplexity and ev.vllm.perplexity and ppl_ids is None:
+            ppl_ids = tok((Path(ev.data_dir).expanduser() / ev.perplexity.file).read_text()).input_ids
+        log.info("stage vllm: %s in transformers (greedy and perplexity, what vLLM is compared with)", name)
+        references[name] = transformers_reference(
+            Path(records[name]["checkpoint"]), [tok(p).input_ids for p in ev.selfcheck_prompts],
+            ev.vllm.agreement_tokens, dtype, device, ppl_ids if ev.vllm.perplexity else None, ev.perplexity,
+            ppl_windows(ev) if ev.perplexity else None)
+        release_freed_memory()
+        reference_s[name] = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(prefix="compress-vllm-"))
     try:
         for name, vkey in todo:
             record = records[name]
@@ -404,11 +432,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 log.info("stage vllm: %s not served: %s", name, reason)
                 result = {"status": "skipped", "reason": reason}
             else:
-                folder = Path(record["checkpoint"])
-                tok = AutoTokenizer.from_pretrained(folder)
-                if ev.perplexity and ev.vllm.perplexity and ppl_ids is None:
-                    text = (Path(ev.data_dir).expanduser() / ev.perplexity.file).read_text()
-                    ppl_ids = tok(text).input_ids
+                tok = AutoTokenizer.from_pretrained(record["checkpoint"])
                 if bandwidth is None:
                     bandwidth = measured[name].get("bandwidth")
                 if bandwidth is None:
@@ -417,9 +441,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                     bandwidth = measure_bandwidth(device="cpu")
                 if base is not None and base_decoder is None:
                     base_decoder = _transformers_decoder(base, ev.vllm, dtype, device)
-                reference, reference_ppl = transformers_reference(
-                    folder, [tok(p).input_ids for p in ev.selfcheck_prompts], ev.vllm.agreement_tokens, dtype, device,
-                    ppl_ids if ev.vllm.perplexity else None, ev.perplexity, ppl_windows(ev) if ev.perplexity else None)
+                reference, reference_ppl = references[name]
                 server = server_for(record, f"{name}.log")
                 log.info("stage vllm: serving %s: %s", name, " ".join(server.command[3:]))
                 try:
@@ -441,7 +463,8 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 result.update(serve_command=record["serve"], harness_flags=server.extra_flags,
                               env_vars=server.env_vars, log=f"eval/{name}.vllm.log")
                 ownership.write_owned(output, f"eval/{name}.vllm.log", server.log())
-            result.update(engine=engine, measure_seconds=round(time.perf_counter() - t0, 1))
+            result.update(engine=engine,  # the transformers reference's time included
+                          measure_seconds=round(time.perf_counter() - t0 + reference_s.get(name, 0.0), 1))
             measured[name] = {**measured[name], "vllm": result, "vllm_key": vkey}
             ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
     finally:

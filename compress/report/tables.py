@@ -7,6 +7,7 @@ renderers (render.py) only escape them for Markdown or HTML.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from compress.recipe import CALIBRATED_METHODS
@@ -250,6 +251,33 @@ def vllm_table(variants: list[dict]) -> Table | None:
                f"served dtype, and the KV cache). The ratio: batch-1 "
                f"streamed decode in vLLM interleaved A B / B A with the run's baseline decoding in transformers (the "
                f"main table's reference, whatever the engine), short decodes after the benchmark prompt.")
+    return Table(headers, rows, caption)
+
+
+def vllm_tasks_table(variants: list[dict]) -> Table | None:
+    """The lm-eval tasks run through a variant's vLLM server beside the transformers pass on the same checkpoint:
+    both scores with their stderr, the gap in combined standard errors, and the items scored alike."""
+    rows = []
+    for r in _ok(variants):
+        served = _get(r, "vllm", "tasks") or {}
+        for i, (task, sv) in enumerate(served.items()):
+            local = (r.get("tasks") or {}).get(task)
+            gap = DASH
+            if local and sv.get("stderr") is not None and local.get("stderr") is not None:
+                if (se := math.hypot(sv["stderr"], local["stderr"])) > 0:
+                    gap = f"{abs(sv['value'] - local['value']) / se:.2f}"
+            alike = f"{sv['same_items']}/{sv['n']}" if sv.get("same_items") is not None else DASH
+            rows.append([r["name"], f"{task} ({sv['metric']})", _pm(sv["value"], sv.get("stderr"), ".1f", 100),
+                         _pm(local["value"], local.get("stderr"), ".1f", 100) if local else DASH, gap, alike,
+                         _fmt(r["vllm"].get("tasks_seconds"), ".0f") if i == 0 else ""])
+    if not rows:
+        return None
+    headers = ["variant", "task (metric)", "vLLM (%)", "transformers (%)", "gap / combined stderr",
+               "items scored alike", "vLLM pass (s)"]
+    caption = ("evaluation.vllm.tasks: the same local task files, documents and shots through lm-eval's "
+               "`local-completions` model against the variant's vLLM server (prompt logprobs), beside the main "
+               "table's transformers pass on the same checkpoint. A gap under 1 combined standard error is agreement "
+               "within the error bars (the gap is the absolute difference); the items column counts documents the two engines scored alike.")
     return Table(headers, rows, caption)
 
 

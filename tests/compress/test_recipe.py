@@ -90,6 +90,8 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
      "(top level)", "add a `calibration:` section"),
     (_base(evaluation={"throughput": {"llamacpp_threads": 0}}), "evaluation.throughput.llamacpp_threads",
      "greater than 0"),
+    (_base(evaluation={"tasks": ["arc_easy"], "vllm": {"tasks": ["gtpq"]}}), "evaluation.vllm.tasks",
+     "['gtpq'] are not variant names; expected some of ['baseline', 'gptq']"),
 ])
 def test_bad_recipe_names_file_field_and_expectation(tmp_path, data, where, expected):
     path = _write(tmp_path, data)

@@ -183,6 +183,36 @@ def test_vllm_tables():
     assert "TTFT ≤ 1000 ms and TPOT ≤ 100 ms" in sweep.caption
 
 
+def test_vllm_tasks_table_pairs_each_task_with_the_transformers_pass():
+    from compress.report.tables import vllm_tasks_table
+
+    assert vllm_tasks_table([served_record("w4")]) is None
+    r = served_record("w4")
+    r["tasks"] = {"arc_easy": {"metric": "acc", "value": 0.46, "stderr": 0.035, "n": 200}}
+    r["vllm"]["tasks"] = {"arc_easy": {"metric": "acc", "value": 0.465, "stderr": 0.035, "n": 200, "same_items": 195},
+                          "piqa": {"metric": "acc_norm", "value": 0.625, "stderr": 0.034, "n": 200}}
+    r["vllm"]["tasks_seconds"] = 475.2
+    t = vllm_tasks_table([r, {"name": "bad", "status": "failed"}])
+    cells = [dict(zip(t.headers, row)) for row in t.rows]
+    assert [c["task (metric)"] for c in cells] == ["arc_easy (acc)", "piqa (acc_norm)"]
+    assert cells[0]["vLLM (%)"] == "46.5 ± 3.5" and cells[0]["transformers (%)"] == "46.0 ± 3.5"
+    assert cells[0]["gap / combined stderr"] == "0.10"  # 0.005 / (0.035 * sqrt 2)
+    assert cells[0]["items scored alike"] == "195/200" and cells[0]["vLLM pass (s)"] == "475"
+    assert cells[1]["transformers (%)"] == DASH and cells[1]["items scored alike"] == DASH
+    assert cells[1]["vLLM pass (s)"] == ""
+
+
+def test_finish_counts_the_items_both_engines_scored_alike():
+    from eval.measure import finish
+
+    local = {"arc_easy": {"metric": "acc", "value": 0.5, "stderr": 0.25, "n": 4, "items": [1.0, 0.0, 1.0, 0.0]}}
+    served = {"arc_easy": {"metric": "acc", "value": 0.75, "stderr": 0.25, "n": 4, "items": [1.0, 1.0, 1.0, 0.0]}}
+    records = {"w4": {"name": "w4"}}
+    finish({"w4": {"tasks": local, "vllm": {"status": "ok", "tasks": served}}}, records, None)
+    assert records["w4"]["vllm"]["tasks"]["arc_easy"]["same_items"] == 3
+    assert "items" not in records["w4"]["vllm"]["tasks"]["arc_easy"] and "items" not in records["w4"]["tasks"]["arc_easy"]
+
+
 def test_vllm_card_rows_and_serve_line():
     from compress.card import _serve_lines, _vllm_rows
 

