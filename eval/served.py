@@ -405,7 +405,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
 
     # transformers' side of each row's agreement first, one model at a time, before the baseline's decoder (the
     # ratio's reference) is loaded for the whole stage: never two transformers models in memory at once
-    references: dict[str, tuple] = {}
+    references: dict[str, tuple] = {}  # name: (tokenizer, greedy tokens, perplexity)
     reference_s: dict[str, float] = {}
     for name, _ in todo:
         if not_served(records[name]):
@@ -415,7 +415,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
         if ev.perplexity and ev.vllm.perplexity and ppl_ids is None:
             ppl_ids = tok((Path(ev.data_dir).expanduser() / ev.perplexity.file).read_text()).input_ids
         log.info("stage vllm: %s in transformers (greedy and perplexity, what vLLM is compared with)", name)
-        references[name] = transformers_reference(
+        references[name] = tok, *transformers_reference(
             Path(records[name]["checkpoint"]), [tok(p).input_ids for p in ev.selfcheck_prompts],
             ev.vllm.agreement_tokens, dtype, device, ppl_ids if ev.vllm.perplexity else None, ev.perplexity,
             ppl_windows(ev) if ev.perplexity else None)
@@ -432,7 +432,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 log.info("stage vllm: %s not served: %s", name, reason)
                 result = {"status": "skipped", "reason": reason}
             else:
-                tok = AutoTokenizer.from_pretrained(record["checkpoint"])
+                tok, reference, reference_ppl = references[name]
                 if bandwidth is None:
                     bandwidth = measured[name].get("bandwidth")
                 if bandwidth is None:
@@ -441,7 +441,6 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                     bandwidth = measure_bandwidth(device="cpu")
                 if base is not None and base_decoder is None:
                     base_decoder = _transformers_decoder(base, ev.vllm, dtype, device)
-                reference, reference_ppl = references[name]
                 server = server_for(record, f"{name}.log")
                 log.info("stage vllm: serving %s: %s", name, " ".join(server.command[3:]))
                 try:

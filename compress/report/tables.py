@@ -263,9 +263,9 @@ def vllm_tasks_table(variants: list[dict]) -> Table | None:
         for i, (task, sv) in enumerate(served.items()):
             local = (r.get("tasks") or {}).get(task)
             gap = DASH
-            if local and sv.get("stderr") is not None and local.get("stderr") is not None:
-                if (se := math.hypot(sv["stderr"], local["stderr"])) > 0:
-                    gap = f"{abs(sv['value'] - local['value']) / se:.2f}"
+            if (local and sv.get("stderr") is not None and local.get("stderr") is not None
+                    and (se := math.hypot(sv["stderr"], local["stderr"])) > 0):
+                gap = f"{abs(sv['value'] - local['value']) / se:.2f}"
             alike = f"{sv['same_items']}/{sv['n']}" if sv.get("same_items") is not None else DASH
             rows.append([r["name"], f"{task} ({sv['metric']})", _pm(sv["value"], sv.get("stderr"), ".1f", 100),
                          _pm(local["value"], local.get("stderr"), ".1f", 100) if local else DASH, gap, alike,
@@ -277,7 +277,8 @@ def vllm_tasks_table(variants: list[dict]) -> Table | None:
     caption = ("evaluation.vllm.tasks: the same local task files, documents and shots through lm-eval's "
                "`local-completions` model against the variant's vLLM server (prompt logprobs), beside the main "
                "table's transformers pass on the same checkpoint. A gap under 1 combined standard error is agreement "
-               "within the error bars (the gap is the absolute difference); the items column counts documents the two engines scored alike.")
+               "within the error bars (the gap is the absolute difference); the items column counts documents the "
+               "two engines scored alike.")
     return Table(headers, rows, caption)
 
 
