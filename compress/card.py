@@ -110,6 +110,11 @@ def _serve_lines(record: dict) -> list[str]:
     tested = ([f"Tested: this line served the checkpoint in vLLM {v['engine'].get('vllm')} ({v['engine'].get('build')}"
                f" build, with {' '.join(v.get('harness_flags') or []) or 'no other flag'} and an address added) for "
                "the vLLM figures above.", ""] if v.get("status") == "ok" and v.get("engine") else [])
+    groups = (v.get("compute_path") or {}).get("groups") or []
+    if any("W4A16" in g["gemm"] for g in groups) and (v.get("env_vars") or {}).get("VLLM_CPU_INT4_W4A8") == "0":
+        tested += ["On a CPU, serve it with `VLLM_CPU_INT4_W4A8=0` in the environment, as the figures above were: "
+                   "vLLM's CPU build otherwise runs a W4A16 checkpoint as W4A8 (activations quantized to uint8 per "
+                   "token) on CPUs with AMX tiles.", ""]
     return [
         "## Serve",
         "",
@@ -197,12 +202,23 @@ def _vllm_rows(record: dict) -> list[str]:
         what = "served, not measured" if v["status"] == "too slow" else "not served"
         return [f"| served by {engine} | {what}: {v.get('reason') or v['status']} |"]
     rows = [f"| served by {engine}: kernel | {'; '.join(v.get('kernels') or []) or 'unquantized GEMM'} |"]
+    if cp := v.get("compute_path"):
+        cpu = v.get("cpu") or {}
+        switches = ", ".join(f"{k}={x}" for k, x in (v.get("env_vars") or {}).items() if k.startswith("VLLM_CPU_INT"))
+        own = "the checkpoint's own scheme" if cp["own_scheme"] else "NOT the checkpoint's scheme"
+        gemms = "; ".join(dict.fromkeys(g["gemm"] for g in cp["groups"] if g["quantized"])) or "plain GEMM"
+        rows.append(f"| what vLLM computed (its layer attributes) | {cp['label']}: {gemms} ({own}"
+                    f"{'; ' + switches if switches else ''}; CPU {cpu.get('model')}: "
+                    f"{', '.join(cpu.get('flags') or []) or 'no AMX/AVX512 flags'}) |")
     if a := v.get("agreement"):
-        rows.append(f"| vLLM greedy tokens identical to transformers before the first divergence | "
-                    f"{', '.join(map(str, a['matched_tokens']))} of {a['tokens_per_prompt']} per prompt |")
+        rows.append(f"| vLLM greedy tokens identical to {a.get('reference', 'transformers')} before the first "
+                    f"divergence | {', '.join(map(str, a['matched_tokens']))} of {a['tokens_per_prompt']} per prompt"
+                    + (f" (noise floor, transformers across dtypes: "
+                       f"{', '.join(map(str, v['noise_floor']['matched_tokens']))})" if v.get("noise_floor") else "")
+                    + " |")
     if p := v.get("perplexity"):
-        beside = (f" (transformers on the same {p['windows']} windows: {p['transformers_value']:.3f})"
-                  if p.get("transformers_value") is not None else "")
+        beside = (f" (transformers {p.get('transformers_dtype', '')} on the same {p['windows']} windows: "
+                  f"{p['transformers_value']:.3f})" if p.get("transformers_value") is not None else "")
         rows.append(f"| perplexity in vLLM, prompt logprobs, {p['windows']} windows x {p['context']} tokens | "
                     f"{p['value']:.3f}{beside} |")
     if d := v.get("decode"):
@@ -212,7 +228,21 @@ def _vllm_rows(record: dict) -> list[str]:
         rows.append(f"| vLLM, {lv['concurrency']} concurrent requests ({lv['requests']}) | TTFT p50 "
                     f"{1000 * lv['ttft_s_p50']:.0f} ms, TPOT p50 {1000 * lv['tpot_s_p50']:.1f} ms, "
                     f"{lv['output_tok_per_sec']:.1f} output tok/s |")
+    for rt, rv in (record.get("vllm_runtime") or {}).items():
+        if rv["status"] != "ok":
+            rows.append(f"| vLLM runtime path `{rt}` | not measured: {rv.get('reason') or rv['status']} |")
+            continue
+        switches = ", ".join(f"{k}={x}" for k, x in (rv.get("env_vars") or {}).items() if k.startswith("VLLM_CPU_INT"))
+        p, d = rv.get("perplexity") or {}, rv.get("decode") or {}
+        rows.append(f"| vLLM runtime path `{rt}` ({switches}): {(rv.get('compute_path') or {}).get('label', '?')} | "
+                    + (f"perplexity {p['value']:.3f} (transformers {p.get('transformers_dtype', '')} "
+                       f"{_num(p.get('transformers_value'))}), " if p else "")
+                    + (f"{d['tok_per_sec']:.1f} tok/s at batch 1" if d else "no decode figure") + " |")
     return rows
+
+
+def _num(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "—"
 
 
 def _kv_lines(record: dict) -> list[str]:

@@ -74,12 +74,20 @@ def _main(args) -> int:
                       f"about {e['estimated_train_seconds'] / 60:.1f} min for {e['steps']} steps", file=sys.stderr)
             print(json.dumps(plan, indent=2))
             return 0
+        from compress import stop
         from compress.run import run
 
-        return run(recipe, args.recipe, remeasure_speed=args.remeasure_speed, cluster=args.cluster)
+        with stop.arm(recipe.watchdog):  # SIGTERM -> Terminated (this process only), stalled stages stopped
+            return run(recipe, args.recipe, remeasure_speed=args.remeasure_speed, cluster=args.cluster)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: completed variants are kept; run the same command again to continue", file=sys.stderr)
         return 130
+    except SystemExit as e:  # compress.stop.Terminated: SIGTERM or SIGHUP
+        if getattr(e, "signum", None) is None:
+            raise
+        print(f"{e}: what was measured is in results.json and the report, marked partial; run the same command "
+              f"again to continue", file=sys.stderr)
+        return e.code

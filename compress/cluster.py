@@ -315,9 +315,10 @@ def check_fits(settings: ClusterSettings, device: str) -> None:
                      f"gpus_per_variant, memory_gb); the nodes have {have}. Lower the request or add a node")
 
 
-def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
+def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[dict[str, dict], dict[str, dict],
+                                                                                 list[str]]:
     """Submit every variant's build and measurement; as each finishes, hand its record to `on_record(name,
-    record)` (the driver writes results.json). Returns (records, measured figures, errors of measurements that
+    record)` (the driver writes results.json), and the figures measured so far to `on_measured(measured)`. Returns (records, measured figures, errors of measurements that
     failed). A task whose worker died is retried by Ray; one that is still lost after `max_retries` is the
     variant's failed row."""
     import ray
@@ -400,6 +401,8 @@ def run_variants(conn: Connection, state, on_record) -> tuple[dict[str, dict], d
         elif value is not None:
             measured[name] = value
             records[name]["cluster"] = {"address": s.address, **placements[name]}
+            if on_measured is not None:
+                on_measured(measured)
     return {n: records[n] for n in names if n in records}, measured, errors
 
 

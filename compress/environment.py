@@ -73,6 +73,35 @@ def environment(device: str, dtype) -> dict:
     return env
 
 
+# the /proc/cpuinfo flags that decide which CPU kernels vLLM and PyTorch take (AMX tiles, bf16 and int8 dot products)
+DECIDING_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "avx512f", "avx512_bf16", "avx512_fp16",
+                      "avx512_vnni", "avx_vnni")
+
+
+def cpu_features() -> dict:
+    """The CPU model, its deciding flags (DECIDING_CPU_FLAGS present), and cores vs threads per core: what a figure
+    that depends on the CPU's kernels must say it came from."""
+    flags, threads_per_core = set(), None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        siblings = cores = None
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("siblings"):
+                siblings = int(line.split(":")[1])
+            elif line.startswith("cpu cores"):
+                cores = int(line.split(":")[1])
+            if siblings and cores:
+                threads_per_core = siblings // cores
+                break
+    except OSError:
+        pass
+    return {"model": _cpu_model(), "flags": [f for f in DECIDING_CPU_FLAGS if f in flags],
+            "logical_cpus": available_cores(), "threads_per_core": threads_per_core}
+
+
 def _cpu_model() -> str | None:
     try:
         for line in open("/proc/cpuinfo"):

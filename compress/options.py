@@ -332,10 +332,39 @@ class VLLMSettings(_Strict):
     # names of the variants to run them for (each costs a full lm-eval pass; a name added to the list measures that
     # row again, not the others)
     tasks: bool | list[str] = False
+    # faster vLLM paths on this hardware that change the math (eval/engines/vllm.RUNTIME_PATHS, e.g. w4a8: W4A16
+    # checkpoints run with uint8 activations on AMX CPUs), each for every variant it applies to or for the variants
+    # named ({w4a8: [gptq-w4a16]}): a second served row of the same checkpoint, measured in full; every other row
+    # is served as its checkpoint declares
+    runtime_variants: dict[str, bool | list[str]] = Field(default_factory=dict)
     # --enforce-eager: loading takes ~30 s instead of ~3 min of torch.compile on a 2-core CPU; the report says so
     eager: bool = True
-    kv_cache_space_gb: float = Field(2, gt=0)  # VLLM_CPU_KVCACHE_SPACE (CPU builds only)
+    kv_cache_space_gb: int = Field(2, gt=0)  # VLLM_CPU_KVCACHE_SPACE (CPU builds only; vLLM reads an integer)
+    # where vLLM's CPU build runs its OpenMP threads: "all" = every core compress may use, none reserved for the
+    # engine loop (VLLM_CPU_OMP_THREADS_BIND=<those cores>, VLLM_CPU_NUM_OF_RESERVED_CPU=0); "auto" = vLLM's own
+    # (it reserves one core per worker for its engine loop: 1 of 2 here); or vLLM's own syntax ("0-3"). "all" is
+    # the default because it decoded faster on the 2-core machines this project runs on, at concurrency 1 and 16
+    # (benchmarks/vllm_cpu_settings.py; figures in benchmarks/results/vllm_cpu_settings_spr_c1.txt and _c16.txt)
+    cpu_threads_bind: str = "all"
     ready_timeout_s: float = Field(900, gt=0)  # a server not healthy by then is a failed row
+
+
+    @field_validator("runtime_variants", mode="before")
+    @classmethod
+    def _known_runtime_paths(cls, value):
+        from eval.engines.vllm import RUNTIME_PATHS
+
+        if isinstance(value, list):  # [w4a8]: for every variant it applies to
+            if len(set(value)) != len(value):
+                raise ValueError(f"repeated names in {value}")
+            value = {name: True for name in value}
+        if isinstance(value, dict) and (unknown := [n for n in value if n not in RUNTIME_PATHS]):
+            raise ValueError(f"unknown {unknown}; expected some of {sorted(RUNTIME_PATHS)}")
+        return value
+
+    def runtime_for(self, name: str) -> list[str]:
+        """The runtime paths variant `name` gets a row for."""
+        return [rt for rt, rows in self.runtime_variants.items() if rows is True or (rows and name in rows)]
 
 
 class ClusterSettings(_Strict):
@@ -371,6 +400,19 @@ class ClusterSettings(_Strict):
 def _host_port(a: str) -> bool:
     host, _, port = a.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536 and "/" not in host
+
+
+class WatchdogSettings(_Strict):
+    """When a stage counts as stalled (compress/stop.py): idle (no step finished, no CPU used by compress and its
+    children) for longer than `factor` x its longest step so far, at least `min_s`; `first_step_s` before its first
+    step. A stalled stage fails its variant with one sentence saying where it waited, and the run goes on. Not part of
+    any cache key: it decides when to give up, not what is measured."""
+
+    factor: float = Field(20, gt=1)
+    min_s: float = Field(120, gt=0)
+    first_step_s: float = Field(600, gt=0)
+    idle_cpu_share: float = Field(0.05, gt=0, lt=1)  # of one core: below it, a poll interval counts as idle
+    poll_s: float = Field(1.0, gt=0)
 
 
 class PlannerSettings(_Strict):

@@ -27,7 +27,7 @@ from compress.backends.llmcompressor import CALIBRATED_METHODS, GROUPED_METHODS,
 from compress.backends.unchanged import UnchangedVariant
 from compress.options import (EMBEDDED_MODEL, RESERVED_NAMES, Calibration, ClusterSettings, Distill, Evaluation, InputError, KVCache,
                               ModelSpec, Offload, PerplexitySettings, PlannerSettings, Student, ThroughputSettings,
-                              VariantBase, _Strict)
+                              VariantBase, WatchdogSettings, _Strict)
 
 __all__ = ["BNB_METHODS", "CALIBRATED_METHODS", "EMBEDDED_MODEL", "GGUF_TYPE_BITS", "GGUF_UNQUANTIZED",
            "GROUPED_METHODS", "METHOD_BITS", "RESERVED_NAMES", "Calibration", "Distill", "Evaluation", "InputError",
@@ -58,6 +58,8 @@ class Recipe(_Strict):
     # run the variants as Ray tasks (compress/cluster.py); None: one after another in this process. Not part of any
     # cache key: where a variant ran does not change what it is
     cluster: ClusterSettings | None = None
+    # when a stage that makes no progress is stopped (compress/stop.py); null: never. Not part of any cache key
+    watchdog: WatchdogSettings | None = Field(default_factory=WatchdogSettings)
 
     _baseline_added: bool = PrivateAttr(False)
 
@@ -84,6 +86,11 @@ class Recipe(_Strict):
         if isinstance(served, list) and (unknown := [n for n in served if n not in {v.name for v in self.variants}]):
             raise ValueError(f"evaluation.vllm.tasks: {unknown} are not variant names; expected some of "
                              f"{[v.name for v in self.variants]} (or true for every variant)")
+        runtime = self.evaluation.vllm.runtime_variants if self.evaluation.vllm else {}
+        for path, rows in runtime.items():
+            if isinstance(rows, list) and (unknown := [n for n in rows if n not in {v.name for v in self.variants}]):
+                raise ValueError(f"evaluation.vllm.runtime_variants.{path}: {unknown} are not variant names; "
+                                 f"expected some of {[v.name for v in self.variants]} (or true for every variant)")
         return self
 
     def field_path(self, variant_index: int, field: str) -> str:

@@ -61,6 +61,7 @@ class TaskScore(_Block):
     metric: str
     value: Num
     stderr: Num | None = None
+    stderr_method: str | None = None  # analytic (a mean's) or lm-eval's bootstrap
     n: int | None = None
     limit: int | None = None
     num_fewshot: int | None = None
@@ -176,6 +177,7 @@ class ServedLevel(_Block):
     slo: dict | None = None
     requests_planned: int | None = None
     capped: bool | None = None
+    server_itl_s_mean: Num | None = None  # vLLM's own inter-token latency over the level (/metrics)
     attempts: int | None = None
     contention: Contention | None = None
 
@@ -190,11 +192,21 @@ class Served(_Block):
     engine: dict | None = None  # vLLM, torch, build, the CPU ISA, install time
     serve_command: str | None = None  # the model card's line, served as written
     harness_flags: list[str] | None = None  # what the harness added (beside address and model name)
-    env_vars: dict | None = None
+    env_vars: dict | None = None  # every environment switch compress set for the server
+    # a runtime path that changes the math (eval/engines/vllm.RUNTIME_PATHS), None: the checkpoint's own scheme
+    runtime: str | None = None
+    # what vLLM computed per group of linear layers (activation precision, GEMM) and whether it is the checkpoint's
+    # own scheme, from vLLM's resolved layer attributes (eval/engines/vllm.compute_path)
+    compute_path: dict | None = None
+    cpu: dict | None = None  # the CPU model and the features that decide vLLM's CPU paths (AMX, AVX512-BF16, VNNI)
+    binding: str | None = None  # vLLM's OpenMP thread binding, from its log
     load_s: Num | None = None
     kernels: list[str] | None = None
     probe_tok_per_sec: Num | None = None
-    agreement: dict | None = None
+    agreement: dict | None = None  # greedy agreement with transformers at the served dtype (eval/agreement.py)
+    agreement_vs_float32: dict | None = None  # the same against transformers fp32 (kept beside)
+    noise_floor: dict | None = None  # transformers at the served dtype against fp32: what rounding alone does
+    checks: list[str] | None = None  # agreement checks that failed, each with its numbers
     perplexity: dict | None = None
     sweep: list[ServedLevel] | None = None
     decode: dict | None = None
@@ -288,6 +300,9 @@ class Record(BaseModel):
     speed_ratio: SpeedRatio | None = None
     roofline: Roofline | None = None
     vllm: Served | None = None
+    # the same checkpoint served on a runtime path that changes the math (evaluation.vllm.runtime_variants), each
+    # measured as its own row
+    vllm_runtime: dict[str, Served] | None = None
     recovery: dict[str, Recovery] | None = None
     evaluate_peak_memory_bytes: int | None = None
     evaluate_peak_memory_kind: str | None = None
@@ -319,6 +334,9 @@ class Results(BaseModel):
     bandwidth: dict | None = None
     evaluation_error: str | None = None
     cluster: dict | None = None  # the Ray cluster the variants ran on: address, dashboard, nodes, settings
+    # where the run was when this file was written: state "running" (stage, rows measured of rows), "stopped"
+    # (reason: SIGTERM, an error), "complete"; absent in files written before compress recorded it
+    progress: dict | None = None
     variants: list[Record]
 
     def dump(self) -> dict:

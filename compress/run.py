@@ -8,7 +8,10 @@
 
 Caching: a variant whose checkpoint carries the same cache key (compress/keys.py) and whose files still match their
 sha256 is reused, so a second run is a no-op and a killed run continues with the first variant it had not finished.
-results.json is rewritten after every variant (compress/record.py is its schema).
+results.json and the report are rewritten after every variant is built and after every row is measured, marked
+partial (`progress`) until the run ends: a run that is stopped, fails or hangs shows everything it measured so far.
+compress/stop.py stops a stage that makes no progress (its variant fails, the run goes on) and turns SIGTERM into
+an orderly stop.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress import checkpoint, ownership, resources
+from compress import checkpoint, ownership, resources, stop
 from compress.build import Job
 from compress.checks import check_inputs, check_resources
 from compress.keys import cache_key, variant_versions
@@ -87,20 +90,48 @@ def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False, cluste
                        "note": source.note, "trust_remote_code": False}
         state = RunState(recipe, recipe_path, source, source_info, device, dtype, env, versions, output, keys, needs,
                          remeasure_speed)
-        results = Results(recipe=str(recipe_path), model=source_info, environment=env, variants=[])
-        if conn is not None:
-            failed = _run_on_cluster(conn, state, results, config)
-        else:
-            failed = _run_here(state, results, config)
+        results = Results(recipe=str(recipe_path), model=source_info, environment=env, variants=[],
+                          progress={"state": "running", "stage": "build"})
+        try:
+            if conn is not None:
+                failed = _run_on_cluster(conn, state, results, config)
+            else:
+                failed = _run_here(state, results, config)
+        except BaseException as e:  # stopped (SIGTERM, Ctrl-C) or broken: what is measured stays readable
+            if results.variants and not isinstance(e, InputError):
+                results.progress = {**(results.progress or {}), "state": "stopped", "reason": _why_stopped(e)}
+                try:
+                    _publish(results, output)
+                except Exception as again:  # e.g. the disk is still full: the files from before stay whole
+                    log.warning("results.json and the report keep their previous state: %s",
+                                resources.one_line(again, output))
+            raise
     finally:
         if conn is not None:
             ray_cluster.disconnect()
-    from compress.report import write_report
-
-    paths = write_report(results.dump(), output)
+    results.progress = {"state": "complete"}
+    paths = _publish(results, output)
     log.info("stage done: %d variants, %d failed; results in %s, report in %s", len(results.variants), failed,
              output / RESULTS, paths["md"])
     return 1 if failed else 0
+
+
+def _why_stopped(e: BaseException) -> str:
+    from compress.resources import one_line
+
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(e, SystemExit):
+        return str(e) if getattr(e, "signum", None) else f"exited ({e.code})"
+    return one_line(e, Path("."))
+
+
+def _publish(results: Results, output: Path) -> dict:
+    """results.json, then the report from it (both atomically, as compress/ownership writes every file)."""
+    from compress.report import write_report
+
+    ownership.write_owned(output, RESULTS, results.text())
+    return write_report(results.dump(), output)
 
 
 def _run_here(state: RunState, results: Results, config) -> int:
@@ -122,6 +153,23 @@ def _run_here(state: RunState, results: Results, config) -> int:
     return failed
 
 
+def _progress_writer(state: RunState, results: Results, records: dict[str, dict]):
+    """The `on_row(measured, base_name, stage)` of eval/measure.evaluate_run: after every measured row, the figures
+    so far copied into the records, results.json and the report rewritten, marked partial."""
+    from eval.measure import finish
+
+    def on_row(measured: dict[str, dict], base_name: str | None, stage: str) -> None:
+        finish(measured, records, base_name)
+        done = sum(1 for n in measured if records.get(n, {}).get("status") == "ok")
+        results.progress = {"state": "running", "stage": stage, "rows_measured": done,
+                            "rows": sum(r["status"] == "ok" for r in records.values())}
+        _write(results, {v.name: records[v.name] for v in state.recipe.variants if v.name in records}, state.output)
+        from compress.report import write_report
+
+        write_report(results.dump(), state.output)
+    return on_row
+
+
 def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
     """The same run as Ray tasks (compress/cluster.py); results.json is written here, as each variant is built."""
     from compress import cluster as ray_cluster
@@ -134,7 +182,10 @@ def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
         _write(results, {v.name: written[v.name] for v in state.recipe.variants if v.name in written}, state.output)
 
     results.cluster = conn.info()
-    records, measured, errors = ray_cluster.run_variants(conn, state, on_record)
+    on_row = _progress_writer(state, results, written)
+    base_name = next(v.name for v in state.recipe.variants if v.method == "baseline")
+    records, measured, errors = ray_cluster.run_variants(
+        conn, state, on_record, on_measured=lambda measured: on_row(measured, base_name, "measure"))
     failed = sum(r["status"] != "ok" for r in records.values())
     add_kv_memory(state.recipe, records, config)
     if state.recipe.evaluation.enabled:
@@ -185,7 +236,8 @@ def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
     job = Job(state.recipe, state.source, state.source_info, state.device, state.dtype, env, state.keys[v.name], dest,
               windows)
     try:
-        return build(job, v)
+        with stop.stage(f"building {v.name}"):
+            return build(job, v)
     except (InputError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -236,13 +288,16 @@ def build(job: Job, v) -> dict:
 
 def measure(state: RunState, records: dict[str, dict], results: Results) -> int:
     """Evaluate every ok variant (eval/measure.py), then refresh the model cards with the figures. Returns the
-    number of failures (0 or 1: an evaluation that failed is one line in results.json)."""
+    number of failures: the variants whose measurement failed (each is a failed row with its reason; the others
+    are measured), plus 1 when the evaluation as a whole failed (one line in results.json)."""
     from eval.measure import evaluate_run
 
+    ok_before = {n for n, r in records.items() if r["status"] == "ok"}
     failed = 0
     try:
         for key, value in evaluate_run(state.recipe, state.output, records, state.device, state.dtype,
-                                       state.remeasure_speed).items():
+                                       state.remeasure_speed,
+                                       on_row=_progress_writer(state, results, records)).items():
             setattr(results, key, value)  # the run's evaluation settings and bandwidth
     except (InputError, KeyboardInterrupt):
         raise
@@ -253,7 +308,7 @@ def measure(state: RunState, records: dict[str, dict], results: Results) -> int:
         log.debug("evaluation traceback:\n%s", traceback.format_exc())
         results.evaluation_error = error
     refresh_cards(records, state.source_info)
-    return failed
+    return failed + sum(records[n]["status"] != "ok" for n in ok_before)
 
 
 def refresh_cards(records: dict[str, dict], source_info: dict) -> None:

@@ -75,26 +75,52 @@ def run_tasks_served(url: str, model_name: str, tokenizer_folder: Path, tasks: l
     return _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
 
 
-def _evaluate(lm, tasks: list[str], data_dir: Path, *, num_fewshot: int, limit: int | None) -> dict:
-    """lm-eval's simple_evaluate of `lm` on the local tasks, reduced to each task's primary metric and items."""
-    from lm_eval import simple_evaluate
+# the standard error of a primary metric that is not a mean of per-item scores (wikitext's word perplexity) is
+# lm-eval's bootstrap with this many resamples, in this process (DISABLE_MULTIPROC): a fraction of a second for a
+# task's items (benchmarks/lm_eval_bootstrap.py; benchmarks/results/lm_eval_bootstrap.txt)
+BOOTSTRAP_ITERS = 1000
 
+
+def stderr_method(cfg: dict) -> str:
+    """How a task's primary metric gets its standard error: 'analytic' for a mean of per-item scores (every
+    accuracy), 'bootstrap' otherwise."""
+    metric = primary_metric(cfg)
+    agg = next((m.get("aggregation") for m in cfg.get("metric_list", []) if m["metric"] == metric), None)
+    return "analytic" if agg == "mean" else "bootstrap"
+
+
+def _evaluate(lm, tasks: list[str], data_dir: Path, *, num_fewshot: int, limit: int | None) -> dict:
+    """lm-eval's simple_evaluate of `lm` on the local tasks, reduced to each task's primary metric and items.
+
+    Standard errors: a mean's is analytic, lm-eval's own `mean_stderr` (sample standard deviation / sqrt(n)) of the
+    per-item scores, the figure lm-eval itself reports for it. lm-eval's bootstrap runs only when a primary metric
+    needs it, and then in this process: lm-eval bootstraps in a forked multiprocessing pool by default (for
+    lambada's perplexity, a metric compress does not report), and that pool is what hung the lab (issue 26); in
+    process it costs a fraction of a second at this size (benchmarks/results/lm_eval_bootstrap.txt)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.metrics import mean_stderr
+
+    os.environ["DISABLE_MULTIPROC"] = "1"  # lm-eval's switch: bootstrap in this process, never in a forked pool
     configs = [task_config(t, data_dir) for t in tasks]
+    methods = [stderr_method(cfg) for cfg in configs]
     out = simple_evaluate(model=lm, tasks=configs, num_fewshot=num_fewshot, limit=limit, log_samples=True,
-                         bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                         fewshot_random_seed=0)
+                          bootstrap_iters=BOOTSTRAP_ITERS if "bootstrap" in methods else 0, random_seed=0,
+                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     scores = {}
-    for task, cfg in zip(tasks, configs, strict=True):
+    for task, cfg, method in zip(tasks, configs, methods, strict=True):
         name = cfg["task"]
         metric = primary_metric(cfg)
         res = out["results"][name]
         samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
         items = [float(s[metric]) for s in samples] if metric != "word_perplexity" else []
-        stderr = res.get(f"{metric}_stderr,none")
+        stderr = mean_stderr(items) if method == "analytic" and len(items) > 1 else res.get(f"{metric}_stderr,none")
         scores[task] = {
             "metric": metric,
             "value": float(res[f"{metric},none"]),
             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+            "stderr_method": (f"{method}: " + ("sample std / sqrt(n) of the per-item scores (lm-eval's mean_stderr)"
+                                               if method == "analytic" else
+                                               f"lm-eval's bootstrap, {BOOTSTRAP_ITERS} resamples, in process")),
             "n": int(out["n-samples"][name]["effective"]),
             "limit": limit,
             "num_fewshot": num_fewshot,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from compress import ownership
+from compress import ownership, stop
 from compress.checkpoint import sha256_file
 from compress.options import Evaluation, InputError
 from eval.accuracy import TASKS_DIR, available_tasks
@@ -44,7 +44,7 @@ SPEED_FORMAT = 1  # the same for its speed figures alone
 # what an eval/<variant>.json holds from the speed measurement, replaced as a whole when it is measured again
 SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio")
 # what it holds from the vLLM engine (eval/served.py), under a key of its own
-SERVED_FIELDS = ("vllm_key", "vllm")
+SERVED_FIELDS = ("vllm_key", "vllm", "vllm_runtime_keys", "vllm_runtime")
 
 
 def check_inputs(ev: Evaluation) -> None:
@@ -138,10 +138,17 @@ def evaluation_order(records: dict[str, dict]) -> tuple[list[str], str | None]:
 
 
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,
-                 remeasure_speed: bool = False) -> dict:
+                 remeasure_speed: bool = False, on_row=None) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
-    `remeasure_speed`: time every row again even where its cached speed figures are current."""
+    `remeasure_speed`: time every row again even where its cached speed figures are current. `on_row(measured,
+    base_name, stage)` is called after every row is measured (the run rewrites results.json and the report).
+
+    A variant whose measurement fails (an error, or a stage that stalled: compress/stop.py) becomes a failed row
+    with the reason, and the next one is measured; what it had measured stays cached in eval/<variant>.json, so
+    the same command run again measures only what is missing."""
     from tqdm import tqdm
+
+    from compress.resources import one_line
 
     ev = recipe.evaluation
     names, base_name = evaluation_order(records)
@@ -149,12 +156,25 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     shared = {"ppl_ids": None}  # the perplexity text's tokens, tokenized once per run
     measured: dict[str, dict] = {}
     for name in tqdm(names, desc="evaluate", unit="variant"):
-        measured[name] = evaluate_variant(recipe, output, records[name], base, measured.get(base_name), device, dtype,
-                                          remeasure_speed, shared, keep_reference=len(names) > 1)
+        try:
+            with stop.stage(f"measuring {name}"):
+                measured[name] = evaluate_variant(recipe, output, records[name], base, measured.get(base_name),
+                                                  device, dtype, remeasure_speed, shared,
+                                                  keep_reference=len(names) > 1)
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            error = one_line(e, output / "eval")
+            log.error("variant %s: its measurement FAILED: %s", name, error)
+            records[name].update(status="failed", error=f"measurement failed: {error}")
+            continue
+        if on_row is not None:
+            on_row(measured, base_name, f"measured {name}")
     if ev.vllm is not None:
         from eval.served import serve_all
 
-        serve_all(recipe, output, records, measured, names, base_name, device, dtype, remeasure_speed)
+        serve_all(recipe, output, records, measured, [n for n in names if n in measured], base_name, device, dtype,
+                  remeasure_speed, on_row=on_row)
     remove_reference(recipe, output, base, device)
     finish(measured, records, base_name)
     return run_info(ev, measured)
@@ -196,7 +216,8 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
         log.info("stage evaluate: %s: perplexity and tasks unchanged (cached), timing its speed", name)
     result = {**quality, **served}
     if skey is not None:
-        speed = measure_speed(ev, record, base, base_measured, device, dtype)
+        with stop.stage(f"timing {name}'s decode speed"):
+            speed = measure_speed(ev, record, base, base_measured, device, dtype)
         result = {**quality, **speed, "speed_key": skey, **served}
         ownership.write_owned(output, f"eval/{name}.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -242,20 +263,23 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
 
         result["kv_eval"] = apply_kv_cache(model, record)
     if ev.perplexity:
-        if is_base and keep_reference:
-            with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
-                result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
-                                          keep=_float32_to(write)))
-        else:
-            result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=is_base,
-                                      reference=reference))
+        with stop.stage(f"measuring {name}'s perplexity"):
+            if is_base and keep_reference:
+                with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
+                    result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
+                                              keep=_float32_to(write)))
+            else:
+                result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=is_base,
+                                          reference=reference))
     if ev.tasks:
         from eval.accuracy import run_tasks
 
         if model is None:
             model = hf.load_checkpoint(folder, dtype, device, gguf_file=gguf["file"])
-        result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(), num_fewshot=ev.num_fewshot,
-                                    limit=ev.limit, batch_size=ev.batch_size, device=device)
+        with stop.stage(f"measuring {name}'s tasks (lm-eval)"):
+            result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(),
+                                        num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
+                                        device=device)
         result["tasks_engine"] = ("transformers, GGUF dequantized on load" if gguf else "transformers")
     del model
     result["evaluate_peak_memory_bytes"], result["evaluate_peak_memory_kind"] = peak_memory_bytes(device)
@@ -421,12 +445,14 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
     from eval.recovery import recovery
 
     for name, result in measured.items():
-        summary = {k: v for k, v in result.items() if k not in ("eval_key", "speed_key", "vllm_key", "bandwidth")}
+        summary = {k: v for k, v in result.items()
+                   if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth")}
         if "per_round" in summary.get("speed_ratio", {}):  # the rounds stay in eval/<variant>.json
             summary["speed_ratio"] = {k: v for k, v in summary["speed_ratio"].items() if k != "per_round"}
         if "per_round" in (summary.get("vllm") or {}).get("speed_ratio", {}):
-            sr = summary["vllm"]["speed_ratio"]
-            summary["vllm"] = {**summary["vllm"], "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
+            summary["vllm"] = _without_rounds(summary["vllm"])
+        if summary.get("vllm_runtime"):
+            summary["vllm_runtime"] = {rt: _without_rounds(v) for rt, v in summary["vllm_runtime"].items()}
         if "tasks" in (summary.get("vllm") or {}):
             summary["vllm"] = {**summary["vllm"], "tasks": {t: _served_summary(sc, (result.get("tasks") or {}).get(t))
                                                             for t, sc in summary["vllm"]["tasks"].items()}}
@@ -436,6 +462,13 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
         if base_name and name != base_name and "tasks" in result and "tasks" in measured.get(base_name, {}):
             base_items = {t: s["items"] for t, s in measured[base_name]["tasks"].items()}
             records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
+
+
+def _without_rounds(served: dict) -> dict:
+    sr = served.get("speed_ratio")
+    if not sr or "per_round" not in sr:
+        return served
+    return {**served, "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
 
 
 def _served_summary(served: dict, local: dict | None) -> dict:

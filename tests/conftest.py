@@ -44,12 +44,14 @@ TEXT = [
 
 
 def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False, hidden_size: int = 64,
-                     intermediate_size: int = 128, layers: int = 2) -> Path:
+                     intermediate_size: int = 128, layers: int = 2, vocab_size: int | None = None) -> Path:
     """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads) and a byte-level BPE tokenizer, saved to folder.
 
     llama_tokenizer=True gives it a Llama-2-style tokenizer instead (BPE with byte fallback, the 256 <0xXX> byte
     tokens, "▁" for spaces): llama.cpp's converter accepts that one without knowing the vocabulary, while a
-    byte-level BPE must be one it has a fingerprint for (the converter refuses vocabularies it does not know)."""
+    byte-level BPE must be one it has a fingerprint for (the converter refuses vocabularies it does not know).
+    `vocab_size` grows the tokenizer's ~300 tokens to that many with added plain words (a larger embedding and
+    lm_head)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -70,6 +72,8 @@ def build_tiny_model(folder: Path, seed: int = 0, llama_tokenizer: bool = False,
     tok.train_from_iterator(TEXT, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
+    if vocab_size and vocab_size > len(fast):  # plain added words, so every id the model can emit has text
+        fast.add_tokens([f"w{i:05d}" for i in range(vocab_size - len(fast))])
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=layers,

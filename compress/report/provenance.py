@@ -12,6 +12,7 @@ import json
 
 from typing import Callable
 
+from compress.report.tables import served_rows
 from compress.report.rows import DASH, _get, task_names
 
 # the environment fields said in the device line; every other field is a library version
@@ -249,18 +250,29 @@ def _vllm(ok: list[dict]) -> list[str]:
                      f"{_v(e.get('torch'))}, transformers {_v(e.get('transformers'))}, compressed-tensors "
                      f"{_v(e.get('compressed_tensors'))}, in its own environment (built in "
                      f"{_v(e.get('install_seconds'))} s); its OpenAI server in a subprocess, one per variant.")
-    for r in served:
-        v = r["vllm"]
+    rows = [(label, v) for r in served for label, v in served_rows(r)]
+    for label, v in rows:
         if v["status"] == "ok":
-            lines.append(f"{r['name']}: `{v['serve_command']}` + `{' '.join(v.get('harness_flags') or [])}` "
+            cp = v.get("compute_path") or {}
+            computed = "; ".join(f"{g['layers']} x{g['count']}: {g['activations']}, {g['gemm']}"
+                                 for g in cp.get("groups", []) if g["quantized"]) or "no quantized layer"
+            cpu = v.get("cpu") or {}
+            lines.append(f"{label}: `{v['serve_command']}` + `{' '.join(v.get('harness_flags') or [])}` "
                          f"(env {', '.join(f'{k}={x}' for k, x in (v.get('env_vars') or {}).items()) or 'none'}); "
-                         f"ready in {_v(v.get('load_s'))} s; log `{v.get('log')}`.")
+                         f"ready in {_v(v.get('load_s'))} s; log `{v.get('log')}`. Computed "
+                         f"({cp.get('source', 'no probe')}): {computed}"
+                         + (f" — the checkpoint declares activations {cp.get('declared_activations')}, so this is "
+                            f"{'its own scheme' if cp.get('own_scheme') else 'NOT its own scheme'}" if cp else "")
+                         + (f"; CPU {cpu.get('model')}, deciding flags {', '.join(cpu.get('flags') or []) or 'none'}"
+                            if cpu else "")
+                         + (f"; binding {v['binding']}" if v.get("binding") else "") + ".")
         else:
-            what = "served, not measured" if v["status"] == "too slow" else f"not served ({v['status']})"
-            lines.append(f"{r['name']}: {what}: {v.get('reason')}.")
-    flagged = [r["name"] for r in served
-               if any((lv.get("contention") or {}).get("contended") for lv in r["vllm"].get("sweep") or [])
-               or ((r["vllm"].get("speed_ratio") or {}).get("contention") or {}).get("contended")]
+            what = ("served, not measured" if v["status"] == "too slow" else
+                    "not measured" if v.get("runtime") else f"not served ({v['status']})")
+            lines.append(f"{label}: {what}: {v.get('reason')}.")
+    flagged = [label for label, v in rows
+               if any((lv.get("contention") or {}).get("contended") for lv in v.get("sweep") or [])
+               or ((v.get("speed_ratio") or {}).get("contention") or {}).get("contended")]
     if flagged:
         lines.append(f"⚠ vLLM figures timed under contention (after their retries): {', '.join(flagged)}.")
     return lines

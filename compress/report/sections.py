@@ -45,6 +45,8 @@ def sections(results: dict, rows: list[dict]) -> list[Section]:
     """Every section of the report, in order (the rows are rows.variant_rows(results))."""
     variants = results.get("variants") or []
     out = []
+    if partial := partial_note(results.get("progress")):
+        out.append(Section(None, "callout", partial))
     if note := (results.get("model") or {}).get("note"):
         out.append(Section(None, "callout", note))
     out.append(Section(None, "variants", (display_columns(task_names(variants), variants), rows)))
@@ -64,3 +66,17 @@ def sections(results: dict, rows: list[dict]) -> list[Section]:
     out.append(Section("Where the figures come from", "sections",
                        [Section(heading, "list", lines) for heading, lines in provenance(results)]))
     return out
+
+
+def partial_note(progress: dict | None) -> str | None:
+    """The sentence that marks a report written before its run ended (None for a finished run, or a results.json
+    from before compress recorded its progress)."""
+    if not progress or progress.get("state") == "complete":
+        return None
+    counted = (f"{progress['rows_measured']} of {progress['rows']} rows measured"
+               if "rows_measured" in progress else "no row measured yet")
+    last = f", last stage: {progress['stage']}" if progress.get("stage") else ""
+    if progress.get("state") == "stopped":
+        return (f"Partial run: stopped ({progress.get('reason', 'no reason recorded')}){last}; {counted}. Run the "
+                f"same command again to continue.")
+    return f"Partial run: still running when this was written{last}; {counted}."

@@ -208,49 +208,108 @@ def _vllm_ratio(v: dict) -> str:
     return text + (f" {CONTENDED}" if (sr.get("contention") or {}).get("contended") else "")
 
 
+FLAG = "⚑"  # a served row whose agreement with transformers at the same precision failed a check
+
+
+def served_rows(r: dict) -> list[tuple[str, dict]]:
+    """A variant's vLLM rows: (label, figures) for its own scheme, then each runtime variant ("gptq [w4a8]")."""
+    out = [(r["name"], r["vllm"])] if r.get("vllm") else []
+    return out + [(f"{r['name']} [{rt}]", v) for rt, v in (r.get("vllm_runtime") or {}).items()]
+
+
+def _path(v: dict) -> str:
+    """What vLLM computed for a row's quantized layers, and whether it is the checkpoint's own scheme."""
+    cp = v.get("compute_path")
+    if not cp:
+        return DASH + " (no probe in this environment)"
+    quantized = [g for g in cp["groups"] if g["quantized"]]
+    gemms = "; ".join(dict.fromkeys(g["gemm"] for g in (quantized or cp["groups"])))
+    own = "" if cp["own_scheme"] else " — NOT the checkpoint's scheme"
+    return f"{cp['label']}: {gemms}{own}"
+
+
+def _agreement(v: dict) -> str:
+    a, floor = v.get("agreement") or {}, v.get("noise_floor") or {}
+    if not a:
+        return DASH
+    text = f"{sum(a['matched_tokens'])}/{a['prompts'] * a['tokens_per_prompt']}"
+    if floor:
+        text += f" (floor {sum(floor['matched_tokens'])})"
+    return text
+
+
+def _served_ppl(v: dict) -> str:
+    p = v.get("perplexity") or {}
+    if not p:
+        return DASH
+    text = f"{p['value']:.3f} / {_fmt(p.get('transformers_value'), '.3f')}"
+    if p.get("gap") is not None:
+        text += f" ({100 * p['gap']:+.2f}%)"
+    if p.get("transformers_float32_value") is not None:
+        text += f"; fp32 {p['transformers_float32_value']:.3f}"
+    return text
+
+
 def vllm_table(variants: list[dict]) -> Table | None:
-    """Each variant as vLLM served it: the kernel it picked, greedy agreement with transformers, vLLM's perplexity
-    beside transformers', batch-1 decode against the bandwidth bound and against the vLLM baseline. None when no
+    """Each variant as vLLM served it, and each runtime variant of it as its own row: what vLLM computed (activation
+    precision and GEMM of the quantized layers, from vLLM's resolved layer attributes), the kernel it named, greedy
+    agreement and perplexity against transformers at the served precision (the noise floor beside), batch-1 decode
+    against the bandwidth bound and the server's own inter-token latency, the ratio to the baseline. None when no
     variant went through vLLM."""
-    served = [r for r in _ok(variants) if r.get("vllm")]
+    served = [(r, label, v) for r in _ok(variants) for label, v in served_rows(r)]
     if not served:
         return None
     rows = []
-    for r in served:
-        v = r["vllm"]
+    for r, label, v in served:
         if v["status"] != "ok":
-            what = "served, not measured" if v["status"] == "too slow" else f"not served ({v['status']})"
-            rows.append([r["name"], f"{what}: {v.get('reason') or DASH}"] + [DASH] * 6)
+            what = ("served, not measured" if v["status"] == "too slow" else
+                    "not measured" if v.get("runtime") else f"not served ({v['status']})")
+            rows.append([label, f"{what}: {v.get('reason') or DASH}"] + [DASH] * 7)
             continue
-        a = v.get("agreement") or {}
-        agree = (f"{sum(a['matched_tokens'])}/{a['prompts'] * a['tokens_per_prompt']} "
-                 f"({', '.join(map(str, a['matched_tokens']))} of {a['tokens_per_prompt']})" if a else DASH)
-        p = v.get("perplexity") or {}
-        ppl = (f"{p['value']:.3f} / {_fmt(p.get('transformers_value'), '.3f')}" if p else DASH)
         d = v.get("decode") or {}
         decode = (f"{d['tok_per_sec']:.1f} ({100 * d['utilisation']:.0f}% of {d['bound_tok_per_sec']:.0f})"
                   if d else DASH)
-        rows.append([r["name"], "; ".join(v.get("kernels") or []) or "unquantized GEMM",
-                     _fmt(v.get("load_s"), ".0f"), agree, ppl, decode,
-                     _vllm_ratio(v),
-                     "`" + " ".join(v["serve_command"].split()[:2] + ["…"] + v["serve_command"].split()[3:]) + "`"])
-    e = next((r["vllm"]["engine"] for r in served if r["vllm"].get("engine")), {})
-    flags = next((r["vllm"].get("harness_flags") for r in served if r["vllm"].get("harness_flags") is not None), [])
-    headers = ["variant", "kernel vLLM picked (its log)", "load (s)", "greedy tokens = transformers",
-               "perplexity vLLM / transformers", "decode tok/s, batch 1 (% of bound)",
+        if d.get("server_tok_per_sec"):
+            decode += f"; server {d['server_tok_per_sec']:.1f}"
+        # the switches that decide the arithmetic (all of them are in results.json and the provenance)
+        switches = " ".join(f"{k}={val}" for k, val in (v.get("env_vars") or {}).items()
+                            if k.startswith("VLLM_CPU_INT"))
+        flag = f" {FLAG} " + "; ".join(v["checks"]) if v.get("checks") else ""
+        rows.append([label + flag, _path(v), "; ".join(v.get("kernels") or []) or "unquantized GEMM",
+                     _fmt(v.get("load_s"), ".0f"), _agreement(v), _served_ppl(v), decode, _vllm_ratio(v),
+                     "`" + " ".join(v["serve_command"].split()[:2] + ["…"] + v["serve_command"].split()[3:]) + "`"
+                     + (f" with {switches}" if switches else "")])
+    first = next(v for _, _, v in served if v.get("engine"))
+    e, cpu = first.get("engine") or {}, next((v["cpu"] for _, _, v in served if v.get("cpu")), {})
+    flags = next((v.get("harness_flags") for _, _, v in served if v.get("harness_flags") is not None), [])
+    bind = next((v["binding"] for _, _, v in served if v.get("binding")), None)
+    headers = ["variant", "what vLLM computed (quantized layers: activations, GEMM)", "kernel vLLM named (its log)",
+               "load (s)", "greedy tokens = transformers, served dtype (noise floor)",
+               "perplexity vLLM / transformers, served dtype (gap; fp32)",
+               "decode tok/s, batch 1 (% of bound; server ITL)",
                "× baseline tok/s in transformers [95% interval, interleaved]", "served as (model card)"]
     caption = (f"vLLM {e.get('vllm', '?')} ({e.get('build', '?')} build, torch {e.get('torch', '?')}"
                + (f", CPU ISA {e['torch_cpu_capability']}" if e.get("torch_cpu_capability") else "")
-               + f"), its OpenAI server in a subprocess, each checkpoint served with its model card's `vllm serve` "
-               f"line plus {' '.join(flags) or 'nothing'} and the address. Greedy agreement: the self-check prompts "
-               f"continued greedily (EOS ignored) by vLLM and by transformers (fp32) on the same checkpoint; the "
-               f"count is tokens matched before the first divergence. Perplexity: vLLM's prompt logprobs and "
-               f"transformers' (fp32) logits on the same first windows of the perplexity text (at most "
-               f"`perplexity_windows`, so it can differ from the main table's figure). Decode: 1 / TPOT p50 at "
-               f"concurrency 1; the bound is the row's read bandwidth / the bytes vLLM holds (float tensors at the "
-               f"served dtype, and the KV cache). The ratio: batch-1 "
-               f"streamed decode in vLLM interleaved A B / B A with the run's baseline decoding in transformers (the "
-               f"main table's reference, whatever the engine), short decodes after the benchmark prompt.")
+               + f") on {cpu.get('model') or 'this machine'}"
+               + (f" (flags that decide vLLM's CPU paths: {', '.join(cpu['flags']) or 'none'}; "
+                  f"{cpu.get('logical_cpus')} logical CPUs, {cpu.get('threads_per_core')} thread(s) per core)"
+                  if cpu else "")
+               + (f"; vLLM's thread binding: {bind}" if bind else "")
+               + f". Its OpenAI server runs in a subprocess, each checkpoint served with its model card's `vllm "
+               f"serve` line plus {' '.join(flags) or 'nothing'} and the address; on a CPU compress sets "
+               f"VLLM_CPU_INT4_W4A8=0 so that a row computes the checkpoint's own scheme, and a runtime variant "
+               f"(evaluation.vllm.runtime_variants, the row named `variant [path]`) sets that path's switches. What "
+               f"vLLM computed comes from vLLM's own layer attributes after loading (compress's probe plugin). "
+               f"Agreement is with transformers running the same checkpoint in the served dtype: greedy tokens matched "
+               f"before the first divergence on the self-check prompts (EOS ignored), next to the noise floor "
+               f"(transformers in the served dtype against transformers fp32 on the same prompts: what rounding "
+               f"alone does), and perplexity on the same first windows of the perplexity text (at most "
+               f"`perplexity_windows`, so it can differ from the main table's figure), fp32 beside. {FLAG} marks a row "
+               f"more than 1% from transformers' perplexity or below half the noise floor. Decode: 1 / TPOT p50 at "
+               f"concurrency 1 (server: vLLM's own mean inter-token latency from /metrics); the bound is the read "
+               f"bandwidth / the bytes vLLM holds (float tensors at the served dtype, and the KV cache). The ratio: "
+               f"batch-1 streamed decode in vLLM interleaved A B / B A with the run's baseline decoding in "
+               f"transformers (the main table's reference), short decodes after the benchmark prompt.")
     return Table(headers, rows, caption)
 
 
@@ -287,20 +346,22 @@ def vllm_sweep_table(variants: list[dict]) -> Table | None:
     rows = []
     slo = None
     for r in _ok(variants):
-        for lv in (_get(r, "vllm", "sweep") or []):
+        for label, lv in [(label, lv) for label, v in served_rows(r) for lv in (v.get("sweep") or [])]:
             slo = lv.get("slo") or slo
             flag = f" {CONTENDED}" if (lv.get("contention") or {}).get("contended") else ""
-            rows.append([r["name"], str(lv["concurrency"]),
+            itl = f" (server {1000 * lv['server_itl_s_mean']:.1f})" if lv.get("server_itl_s_mean") else ""
+            rows.append([label, str(lv["concurrency"]),
                          f"{lv['requests']}" + (" (time cap)" if lv.get("capped") else ""),
                          f"{1000 * lv['ttft_s_p50']:.0f} / {1000 * lv['ttft_s_p99']:.0f}",
-                         f"{1000 * lv['tpot_s_p50']:.1f} / {1000 * lv['tpot_s_p99']:.1f}",
+                         f"{1000 * lv['tpot_s_p50']:.1f} / {1000 * lv['tpot_s_p99']:.1f}{itl}",
                          f"{lv['output_tok_per_sec']:.1f}{flag}", f"{lv['requests_per_sec']:.2f}",
                          f"{lv['goodput_requests_per_sec']:.2f} ({100 * lv['slo_met_share']:.0f}%)"])
     if not rows:
         return None
     ttft = f"{1000 * slo['ttft_s']:.0f} ms" if slo and slo.get("ttft_s") else "none"
     tpot = f"{1000 * slo['tpot_s']:.0f} ms" if slo and slo.get("tpot_s") else "none"
-    headers = ["variant", "concurrency", "requests", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "output tok/s",
+    headers = ["variant", "concurrency", "requests", "TTFT p50 / p99 (ms)",
+               "TPOT p50 / p99 (ms) (server's mean inter-token latency)", "output tok/s",
                "requests/s", f"goodput req/s (share within SLO)"]
     caption = (f"In the style of `vllm bench serve`: per level, requests of random token ids (no prefix-cache "
                f"hits) with exactly the set output length, streamed, at most `concurrency` in flight, after one "

@@ -19,6 +19,7 @@ same tokens), `return_token_ids` for greedy agreement, `prompt_logprobs` for per
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -28,7 +29,10 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from compress.stop import descendants, terminate_raises
 
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 # vLLM's log line naming the kernel of each quantized linear method, e.g.
@@ -67,6 +71,160 @@ def kernels(log_text: str) -> list[str]:
         if "kernel" in kernel.lower():
             picked[kernel] = what
     return [f"{kernel} for {what}" for kernel, what in picked.items()]
+
+
+# --- what vLLM computes on a CPU: its switches, set by compress, recorded with every row ---------------------------
+
+# Every CPU server compress starts gets these, so that a row measures the checkpoint's own scheme: vLLM 0.32 would
+# otherwise run a W4A16 checkpoint as W4A8 on a CPU with AMX tiles (VLLM_CPU_INT4_W4A8 defaults to 1; see
+# kernels/linear/mixed_precision/cpu.py). COMPRESS_VLLM_PROBE makes the server log what each layer computes.
+OWN_SCHEME_ENV = {"VLLM_CPU_INT4_W4A8": "0", "COMPRESS_VLLM_PROBE": "1"}
+
+
+@dataclass(frozen=True)
+class RuntimePath:
+    """A faster vLLM path on some hardware that changes the arithmetic; a recipe asks for it by name
+    (evaluation.vllm.runtime_variants) and gets a second served row of the same checkpoint, measured in full."""
+
+    env: dict
+    what: str  # the arithmetic, in words
+    applies_to: str  # which checkpoints (declared weight-only int4, ...)
+    needs: str  # the hardware, as vLLM decides it
+    cpu_flags: tuple[str, ...]  # any one of these /proc/cpuinfo flags is enough
+    source: str  # where vLLM decides it (reference, read from vLLM's code, not measured)
+
+    def applies(self, quantization: dict | None) -> bool:
+        """Whether a checkpoint's quantization_config is one this path changes."""
+        return self.applies_to == "int4 weight-only" and declared_weight_bits(quantization) == 4 \
+            and declared_activations(quantization) is None
+
+
+RUNTIME_PATHS = {
+    "w4a8": RuntimePath(
+        env={"VLLM_CPU_INT4_W4A8": "1"},
+        what="int4 weights x activations quantized to uint8 per token (sgl-kernel int4_scaled_mm_cpu)",
+        applies_to="int4 weight-only", needs="AMX tiles (Intel Sapphire Rapids and later) or RISC-V",
+        cpu_flags=("amx_tile",),
+        source="vllm/model_executor/kernels/linear/mixed_precision/cpu.py, vLLM 0.32: use_w4a8 = VLLM_CPU_INT4_W4A8 "
+               "and bf16 activations and (AMX or RISC-V)"),
+}
+
+
+def declared_weight_bits(quantization: dict | None) -> int | None:
+    groups = (quantization or {}).get("config_groups") or {}
+    bits = {(g.get("weights") or {}).get("num_bits") for g in groups.values()}
+    return bits.pop() if len(bits) == 1 else None
+
+
+def declared_activations(quantization: dict | None) -> str | None:
+    """What a compressed-tensors config says its quantized layers' activations are ("int8, token, dynamic"), None
+    for weight-only (16-bit activations) or no quantization."""
+    for g in ((quantization or {}).get("config_groups") or {}).values():
+        a = g.get("input_activations")
+        if a:
+            return f"{a.get('type', '?')}{a.get('num_bits', '')}, {a.get('strategy', '?')}, " \
+                   f"{'dynamic' if a.get('dynamic') else 'static'}"
+    return None
+
+
+_BINDING = re.compile(r"OpenMP thread binding info:.*?reserved_cpus=\[[^\]]*\]", re.S)
+
+
+def binding(log_text: str) -> str | None:
+    """vLLM's OpenMP binding, from its log ("VLLM_CPU_OMP_THREADS_BIND='auto' ... local_rank=0, core ids=[0]
+    reserved_cpus=[1]"), on one line."""
+    m = _BINDING.search(log_text)
+    if not m:
+        return None
+    lines = [ln.split("]", 1)[-1].strip() if "INFO" in ln else ln.strip() for ln in m.group(0).splitlines()]
+    return "; ".join(ln for ln in lines if ln and not ln.endswith("binding info:"))
+
+
+PROBE_MARKER = "COMPRESS_VLLM_LAYERS"  # eval/engines/vllm_probe.py's line in the server log
+PROBE_SOURCE = ("vLLM's own layer attributes after loading, logged by compress's probe plugin "
+                "(eval/engines/vllm_probe.py)")
+
+
+def layer_facts(log_text: str) -> dict | None:
+    """What the probe plugin logged about the served model's linear layers (the last such line), or None."""
+    found = None
+    for line in log_text.splitlines():
+        if PROBE_MARKER in line:
+            found = line.split(PROBE_MARKER, 1)[1].strip()
+    if found is None:
+        return None
+    try:
+        return json.loads(found)
+    except ValueError:
+        return None
+
+
+def _precision(group: dict, dtype: str) -> tuple[str, str, bool]:
+    """(activations, GEMM, activations quantized) of one group of layers, from vLLM's resolved attributes: the
+    mapping of vLLM 0.32's CPU kernels (kernels/linear/mixed_precision/cpu.py, scaled_mm/cpu.py, scaled_mm/pytorch.py,
+    layers/utils.dispatch_cpu_unquantized_gemm) to the arithmetic they do."""
+    kernel, method = group.get("kernel") or "", group.get("method") or ""
+    if kernel == "CPUWNA16LinearKernel":
+        if group.get("use_w4a8"):
+            return "uint8, per token, dynamic", "int4_scaled_mm_cpu (W4A8)", True
+        return dtype, f"cpu_gemm_wna16 (W4A16, isa {group.get('isa_hint', '?')})", False
+    if "Int8" in kernel:
+        scope = "per tensor, static" if group.get("is_static_input_scheme") else "per token, dynamic"
+        sym = "" if group.get("input_symmetric", True) else ", asymmetric"
+        gemm = "sgl-kernel int8 GEMM (AMX)" if "sgl" in (group.get("kernel_method") or "") else "oneDNN int8 GEMM"
+        return f"int8, {scope}{sym}", gemm, True
+    if "FP8" in kernel or "Fp8" in method:
+        scope = "per tensor" if "PerTensor" in kernel else "per token"
+        gemm = f"{kernel} (torch._scaled_mm, emulated on a CPU)" if "Torch" in kernel else kernel
+        return f"fp8 e4m3, {scope}, dynamic", gemm, True
+    if method.startswith("Unquantized"):
+        if "Embedding" in method and not str(group.get("layers", "")).endswith("lm_head"):
+            return dtype, "embedding lookup", False
+        gemm = {"weight_packed_linear_cpu": "sgl-kernel (AMX)", "onednn_mm": "oneDNN",
+                "linear": "torch"}.get(group.get("cpu_linear"), "plain GEMM")
+        return dtype, gemm, False
+    return f"unknown ({method} {kernel})", kernel or method, False
+
+
+def compute_path(facts: dict | None, declared_activations: str | None) -> dict | None:
+    """What vLLM computed, in words, per group of linear layers, and whether it is the checkpoint's own scheme:
+    `declared_activations` is what the checkpoint's quantization_config says its quantized layers take (None:
+    weight-only, 16-bit activations). None when the probe logged nothing (a server of an older environment)."""
+    if not facts or "layers" not in facts:
+        return None
+    dtype = str(facts.get("dtype", "")).removeprefix("torch.")
+    groups, quantized_acts = [], set()
+    for g in facts["layers"]:
+        acts, gemm, act_quantized = _precision(g, dtype)
+        quantized = not str(g.get("method", "")).startswith("Unquantized")
+        groups.append({"layers": g["layers"], "count": g.get("count"), "activations": acts, "gemm": gemm,
+                       "quantized": quantized})
+        if quantized:
+            quantized_acts.add(acts if act_quantized else None)
+    own = all((a is None) == (declared_activations is None) for a in quantized_acts)
+    runs = sorted(a or dtype for a in quantized_acts)
+    label = ("unquantized, " + dtype) if not quantized_acts else ", ".join(runs) + " activations"
+    return {"dtype": dtype, "groups": groups, "own_scheme": own, "label": label, "source": PROBE_SOURCE,
+            "declared_activations": declared_activations or f"none (weight-only: {dtype})"}
+
+
+_DIED = re.compile(r"Worker proc (\S+) died unexpectedly \(exit code: (-?\d+)\)")
+
+
+def worker_death(log_text: str) -> str | None:
+    """vLLM's own line when a worker process died under it, with the signal named ("its worker VllmWorker-0 died of
+    SIGILL (illegal instruction)"), or None."""
+    m = _DIED.search(log_text)
+    if not m:
+        return None
+    code = int(m.group(2))
+    if code < 0:
+        try:
+            sig = signal.Signals(-code)
+            return f"vLLM's worker {m.group(1)} died of {sig.name} ({signal.strsignal(sig).lower()})"
+        except ValueError:
+            pass
+    return f"vLLM's worker {m.group(1)} died (exit code {code})"
 
 
 def failure_reason(log_text: str) -> str:
@@ -118,7 +276,7 @@ class Server:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
         self.load_s: float | None = None
-        self._old_term = None
+        self._term: contextlib.ExitStack | None = None
 
     @property
     def command(self) -> list[str]:
@@ -133,9 +291,12 @@ class Server:
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True, preexec_fn=_term_with_parent)
         log.close()
-        if self._old_term is None and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            # a SIGTERM to compress must stop the server too: turn it into SystemExit, so `finally`/`__exit__` run
-            self._old_term = signal.signal(signal.SIGTERM, _exit_on_term)
+        if self._term is None:
+            # a SIGTERM to compress must stop the server too: it raises compress.stop.Terminated (a SystemExit) in
+            # this process, so `finally`/`__exit__` run; in a fork of this process (lm-eval's bootstrap pool) it
+            # keeps its default action (compress/stop.py says why)
+            self._term = contextlib.ExitStack()
+            self._term.enter_context(terminate_raises())
         try:
             self._wait_ready()
         except BaseException:
@@ -185,9 +346,9 @@ class Server:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        if self._old_term is not None:
-            signal.signal(signal.SIGTERM, self._old_term)
-            self._old_term = None
+        if self._term is not None:
+            self._term.close()
+            self._term = None
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -233,6 +394,22 @@ class Server:
         conn.close()
         return sent, times, tokens
 
+    def itl_counters(self) -> tuple[float, int] | None:
+        """vLLM's own inter-token latency so far: (sum of seconds, count) of its histogram on /metrics."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode(errors="replace")
+        except OSError:
+            return None
+        total = count = None
+        for line in text.splitlines():
+            if line.startswith("vllm:inter_token_latency_seconds_sum"):
+                total = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:inter_token_latency_seconds_count"):
+                count = int(float(line.rsplit(" ", 1)[1]))
+        return (total, count) if total is not None and count is not None else None
+
     def greedy(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation (temperature 0, EOS ignored) of a token-id prompt, as token ids."""
         out = self.post({"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
@@ -246,34 +423,6 @@ class Server:
         for tok, entry in zip(ids, out["choices"][0]["prompt_logprobs"]):
             values.append(None if entry is None else entry[str(tok)]["logprob"])
         return values
-
-
-def _exit_on_term(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, from /proc (Linux); [] elsewhere."""
-    children: dict[int, list[int]] = {}
-    try:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            ppid = int(text[text.rindex(")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    except OSError:
-        return []
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def open_decoder(server: Server, *, prompt_ids: list[int], new_tokens: int):

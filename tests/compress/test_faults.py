@@ -99,7 +99,8 @@ def test_kill_at_each_stage_then_rerun(tmp_path, tiny_model, calib_file, referen
 DISK_FULL = [
     ("full:save", "gptq fails (exit 1), one line naming gptq/", "baseline, rtn complete; no gptq/"),
     ("full:manifest", "gptq fails (exit 1), one line", "baseline, rtn complete; no gptq/"),
-    ("full:results", "the run stops (exit 1), one line naming results.json", "the previous results.json intact"),
+    ("full:results", "the run stops (exit 1), one line naming results.json",
+     "a whole results.json: the previous one, rewritten marked stopped once the space is back"),
     ("full:eval-cache", "evaluation fails (exit 1), one line naming eval/rtn.json", "every checkpoint; baseline eval"),
     ("full:report", "the run stops (exit 1), one line naming report.html", "every checkpoint and measurement"),
 ]
@@ -132,9 +133,11 @@ def test_disk_full_at_each_write(tmp_path, tiny_model, calib_file, reference, sm
         assert sorted(_hashes(out)) == ["baseline", "rtn"]
         record = {r["name"]: r for r in json.loads((out / "results.json").read_text())["variants"]}["gptq"]
         assert record["status"] == "failed" and record["error"].startswith("disk full writing")
-    elif fault == "full:results":
+    elif fault == "full:results":  # the fault frees the space after the failed write: the stop rewrites it whole
         assert sorted(_hashes(out)) == ["baseline", "rtn"]
-        assert [r["name"] for r in json.loads((out / "results.json").read_text())["variants"]] == ["baseline"]
+        results = json.loads((out / "results.json").read_text())
+        assert [r["name"] for r in results["variants"]] == ["baseline", "rtn"]
+        assert results["progress"]["state"] == "stopped" and "disk full" in results["progress"]["reason"]
     else:
         assert sorted(_hashes(out)) == ["baseline", "gptq", "rtn"]
     assert (out / "eval" / "rtn.json").exists() == (fault in ("full:save", "full:manifest", "full:report"))

@@ -46,7 +46,11 @@ def test_interrupted_run_resumes_and_second_run_is_noop(tmp_path, tiny_model, ca
     monkeypatch.setattr(checkpoint, "finalize", killed_on_third)
     with pytest.raises(KeyboardInterrupt):
         _run(recipe)
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["baseline", "results.json", "rtn"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "baseline", "report.html", "report.md", "results.csv", "results.json", "rtn"]
+    stopped = json.loads((out / "results.json").read_text())["progress"]
+    assert stopped["state"] == "stopped" and stopped["reason"] == "interrupted (Ctrl-C)"
+    assert "Partial run: stopped (interrupted (Ctrl-C))" in (out / "report.md").read_text()
     # what a SIGKILL mid-save leaves behind: staging named for a process of this host that no longer runs
     killed = out / f"{ownership.STAGING_PREFIX}{ownership._host_tag()}-999999999-1-gptq-dead"
     killed.mkdir()

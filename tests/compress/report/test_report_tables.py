@@ -152,33 +152,65 @@ def served_record(name: str, method: str = "rtn", **vllm) -> dict:
     return {"name": name, "method": method, "status": "ok", "vllm": block}
 
 
+def _path(label: str, gemm: str, own: bool = True) -> dict:
+    return {"dtype": "bfloat16", "label": label, "own_scheme": own, "source": "probe",
+            "groups": [{"layers": "model.layers.*.mlp.down_proj", "count": 30, "activations": "bfloat16",
+                        "gemm": gemm, "quantized": True}]}
+
+
 def test_vllm_tables():
-    from compress.report.tables import vllm_sweep_table, vllm_table
+    from compress.report.tables import FLAG, vllm_sweep_table, vllm_table
 
     assert vllm_table([{"name": "x", "status": "ok"}]) is None and vllm_sweep_table([]) is None
     ratio = {"ratio": 0.9, "ratio_lo": 0.8, "ratio_hi": 1.1, "verdict": "no measurable difference",
              "contention": {"contended": False}}
-    rows = [served_record("baseline", "baseline"), served_record("w4", speed_ratio=ratio),
+    w4 = served_record("w4", speed_ratio=ratio, noise_floor={"matched_tokens": [32, 10, 32], "tokens_per_prompt": 32,
+                                                             "prompts": 3},
+                       compute_path=_path("bfloat16 activations", "cpu_gemm_wna16 (W4A16, isa amx)"),
+                       env_vars={"VLLM_CPU_INT4_W4A8": "0", "VLLM_CPU_KVCACHE_SPACE": "2"})
+    w4["vllm"]["perplexity"].update(gap=0.0094, transformers_float32_value=21.2)
+    w4["vllm"]["decode"]["server_tok_per_sec"] = 14.2
+    w4["vllm_runtime"] = {"w4a8": {**served_record("w4")["vllm"], "runtime": "w4a8",
+                                   "compute_path": _path("uint8, per token, dynamic activations",
+                                                         "int4_scaled_mm_cpu (W4A8)", own=False),
+                                   "env_vars": {"VLLM_CPU_INT4_W4A8": "1"},
+                                   "checks": ["perplexity 22.400 is +5.2% from transformers bfloat16's 21.300"]}}
+    rows = [served_record("baseline", "baseline"), w4,
             {"name": "bad", "method": "fp8", "status": "ok",
-             "vllm": {"status": "failed", "reason": "ValueError: fp8 not supported"}},
+             "vllm": {"status": "failed", "reason": "ValueError: fp8 not supported"},
+             "vllm_runtime": {"w4a8": {"status": "skipped", "runtime": "w4a8",
+                                       "reason": "w4a8 changes int4 weight-only checkpoints; this one is FP8"}}},
             {"name": "slow", "method": "fp8", "status": "ok",
              "vllm": {"status": "too slow", "reason": "served, but decodes at 0.10 tok/s here", "probe_tok_per_sec": 0.1}}]
-    cells = _cells(vllm_table(rows))
-    assert cells["w4"]["kernel vLLM picked (its log)"] == "CPUWNA16LinearKernel for CompressedTensorsWNA16"
-    assert cells["baseline"]["kernel vLLM picked (its log)"] == "unquantized GEMM"
-    assert cells["w4"]["greedy tokens = transformers"] == "69/96 (32, 5, 32 of 32)"
-    assert cells["w4"]["perplexity vLLM / transformers"] == "21.500 / 21.300"
-    assert cells["w4"]["decode tok/s, batch 1 (% of bound)"] == "14.0 (10% of 140)"
+    table = vllm_table(rows)
+    cells = _cells(table)
+    computed = "what vLLM computed (quantized layers: activations, GEMM)"
+    assert list(cells) == ["baseline", "w4", f"w4 [w4a8] {FLAG} perplexity 22.400 is +5.2% from transformers "
+                                             f"bfloat16's 21.300", "bad", "bad [w4a8]", "slow"]
+    assert cells["w4"][computed] == "bfloat16 activations: cpu_gemm_wna16 (W4A16, isa amx)"
+    runtime = cells[list(cells)[2]]
+    assert runtime[computed] == ("uint8, per token, dynamic activations: int4_scaled_mm_cpu (W4A8) — NOT the "
+                                 "checkpoint's scheme")
+    assert "with VLLM_CPU_INT4_W4A8=1" in runtime["served as (model card)"]
+    assert "with VLLM_CPU_INT4_W4A8=0" in cells["w4"]["served as (model card)"]
+    assert cells["w4"]["kernel vLLM named (its log)"] == "CPUWNA16LinearKernel for CompressedTensorsWNA16"
+    assert cells["baseline"]["kernel vLLM named (its log)"] == "unquantized GEMM"
+    assert cells["baseline"][computed] == DASH + " (no probe in this environment)"
+    assert cells["w4"]["greedy tokens = transformers, served dtype (noise floor)"] == "69/96 (floor 74)"
+    assert cells["w4"]["perplexity vLLM / transformers, served dtype (gap; fp32)"] == "21.500 / 21.300 (+0.94%); fp32 21.200"
+    assert cells["w4"]["decode tok/s, batch 1 (% of bound; server ITL)"] == "14.0 (10% of 140); server 14.2"
     col = "× baseline tok/s in transformers [95% interval, interleaved]"
     assert cells["w4"][col] == "0.90 [0.80, 1.10] no measurable difference"
     assert cells["baseline"][col] == DASH
-    assert cells["bad"]["kernel vLLM picked (its log)"] == "not served (failed): ValueError: fp8 not supported"
-    assert cells["slow"]["kernel vLLM picked (its log)"] == ("served, not measured: served, but decodes at 0.10 "
-                                                             "tok/s here")
+    assert cells["bad"][computed] == "not served (failed): ValueError: fp8 not supported"
+    assert cells["bad [w4a8]"][computed] == "not measured: w4a8 changes int4 weight-only checkpoints; this one is FP8"
+    assert cells["slow"][computed] == "served, not measured: served, but decodes at 0.10 tok/s here"
     sweep = vllm_sweep_table(rows)
     by = {(r[0], r[1]): dict(zip(sweep.headers, r)) for r in sweep.rows}
+    tpot = "TPOT p50 / p99 (ms) (server's mean inter-token latency)"
     assert by[("w4", "1")]["TTFT p50 / p99 (ms)"] == "200 / 400"
-    assert by[("w4", "1")]["TPOT p50 / p99 (ms)"] == "70.0 / 105.0"
+    assert by[("w4", "1")][tpot] == "70.0 / 105.0"
+    assert ("w4 [w4a8]", "1") in by
     assert "⚠ contended" in by[("w4", "4")]["output tok/s"] and "⚠" not in by[("w4", "1")]["output tok/s"]
     assert "TTFT ≤ 1000 ms and TPOT ≤ 100 ms" in sweep.caption
 
