@@ -42,7 +42,12 @@ def main(argv=None) -> int:
                 subprocess.run(["pkill", "-9", "-f", f"fork_race.py {mode}"], capture_output=True)
         out[mode] = {"runs": args.runs, "hung": hung}
         print(f"{mode:9s} hung in {hung} of {args.runs} runs ({args.rounds} rounds each)", flush=True)
-    print(json.dumps({"rounds": args.rounds, "timeout_s": args.timeout, "modes": out}))
+    import time
+
+    from compress.environment import cpu_features
+
+    print(json.dumps({"rounds": args.rounds, "timeout_s": args.timeout, "cpu": cpu_features(),
+                      "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d"), "modes": out}))
     return 0
 
 

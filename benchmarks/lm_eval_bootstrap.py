@@ -50,7 +50,10 @@ def main(argv=None) -> int:
                          "stderr": value})
             print(f"{iters:>7} resamples, {where:10s}: {statistics.median(times):.3f} s (median of {args.repeats}), "
                   f"stderr {value:.4f}", flush=True)
-    print(json.dumps({"items": args.items, "cpus": os.cpu_count(), "rows": rows}))
+    from compress.environment import cpu_features, installed_version
+
+    print(json.dumps({"items": args.items, "cpu": cpu_features(), "lm_eval": installed_version("lm_eval"),
+                      "date": time.strftime("%Y-%m-%d"), "rows": rows}))
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compress import stop
 from compress.options import ClusterSettings, InputError
 
 log = logging.getLogger("compress")
@@ -116,6 +117,8 @@ def connect(settings: ClusterSettings) -> Connection:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise InputError(f"cluster.address: could not join the Ray cluster at {address}: "
                          f"{str(e).strip().splitlines()[0]}") from None
+    finally:
+        stop.reclaim()  # ray.init replaced compress's SIGTERM handler with its own
     dashboard = getattr(context, "dashboard_url", None) or None
     gpus = float(ray.cluster_resources().get("GPU", 0))
     nodes = _nodes()
@@ -143,7 +146,10 @@ def disconnect() -> None:
     import ray
 
     if ray.is_initialized():
-        ray.shutdown()
+        try:
+            ray.shutdown()
+        finally:
+            stop.reclaim()  # ray.shutdown reset the live SIGTERM handler to the default action
 
 
 # ------------------------------------------------------------------------------------------- before any work

@@ -86,14 +86,14 @@ def _raise_terminated(signum, frame):
 # are installed, every fork blocks them in the forking thread; the child sets their default action and unblocks (a
 # pending SIGTERM then ends it at once), the parent unblocks (a pending one then reaches its handler: nothing is
 # lost either side).
-_OURS: set[int] = set()  # signals whose handler compress installed and that forks must not inherit
+_OURS: dict[int, object] = {}  # signal -> the handler compress installed, which forks must not inherit
 _fork_mask = threading.local()
 _hooks_registered = False
 
 
 def _before_fork() -> None:
     if _OURS:
-        _fork_mask.old = signal.pthread_sigmask(signal.SIG_BLOCK, _OURS)
+        _fork_mask.old = signal.pthread_sigmask(signal.SIG_BLOCK, set(_OURS))
 
 
 def _after_fork_in_parent() -> None:
@@ -123,25 +123,40 @@ def _install(sig: int, handler) -> object:
                             after_in_child=_after_fork_in_child)
         _hooks_registered = True
     old = signal.signal(sig, handler)
-    _OURS.add(sig)
+    _OURS[sig] = handler
     return old
 
 
 def _restore(sig: int, old) -> None:
-    _OURS.discard(sig)
+    _OURS.pop(sig, None)
     signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def reclaim() -> None:
+    """Install compress's handlers again after a library replaced them. ray.init installs a SIGTERM handler of its
+    own (Python's `sys.exit`, and its core worker's at the C level), and ray.shutdown resets the C-level one to the
+    default action while Python still reports the old handler: without this, a SIGTERM after ray.shutdown killed
+    compress outright (no `finally`, results.json not marked stopped). Main thread only; a no-op when none is ours."""
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in list(_OURS.items()):
+            signal.signal(sig, handler)
 
 
 @contextmanager
 def terminate_raises(signals=(signal.SIGTERM, signal.SIGHUP)):
-    """While inside: SIGTERM/SIGHUP raise `Terminated` in this process's main thread (and only in this process).
-    Leaves a handler someone else installed alone; restores what was there on exit. Main thread only."""
+    """While inside: SIGTERM/SIGHUP raise `Terminated` in this process's main thread (and only in this process);
+    what was there is restored on exit. A handler someone else installed is replaced meanwhile, since what Python
+    reports is not always what is live (Ray's, after ray.shutdown: see `reclaim`); one of ours is installed again for
+    the same reason. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {}
     for sig in signals:
-        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+        current = signal.getsignal(sig)
+        if getattr(current, "owner", None) == os.getpid():
+            signal.signal(sig, current)  # an outer terminate_raises (or arm) of this process: made live again
+        else:
             old[sig] = _install(sig, own_process_only(_raise_terminated))
     try:
         yield

@@ -48,6 +48,7 @@ def test_pools_terminated_at_once_never_hang_under_compress_handlers():
 
 
 def test_a_fork_dies_of_sigterm_while_the_parent_raises_terminated():
+    before = signal.getsignal(signal.SIGTERM)
     with stop.arm(WatchdogSettings()):
         pid = os.fork()
         if pid == 0:  # the child: SIGTERM's default action (with the parent's handler it would raise instead)
@@ -62,7 +63,39 @@ def test_a_fork_dies_of_sigterm_while_the_parent_raises_terminated():
         with pytest.raises(stop.Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
+def _reset_c_level_handler(sig: int) -> None:
+    """What ray.shutdown does (its core worker restores the default action under Python's feet): the live handler
+    becomes SIG_DFL while signal.getsignal still reports the Python one."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal(ctypes.c_int(sig), ctypes.c_void_p(0))  # 0 = SIG_DFL
+
+
+def test_a_library_that_replaced_the_handler_does_not_disable_terminated():
+    """Seen in CI: after a test called ray.init/ray.shutdown in the pytest process, Python reported Ray's handler
+    but the live one was the default action, so compress left it alone and the next SIGTERM killed pytest."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # ray.init's handler, as Python reports it
+        _reset_c_level_handler(signal.SIGTERM)  # ... and ray.shutdown's reset of the live one
+        with stop.terminate_raises():
+            with pytest.raises(stop.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        with stop.arm(None):
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)  # ray.init inside a run (compress/cluster.py)
+            _reset_c_level_handler(signal.SIGTERM)  # ray.shutdown
+            stop.reclaim()  # what compress/cluster.py calls after each
+            with pytest.raises(stop.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # --------------------------------------------------------------------------------------------- the watchdog
