@@ -161,12 +161,13 @@ def _accuracy(ok: list[dict], variants: list[dict], runs: list[dict]) -> list[st
     lines = []
     for t in task_names(variants):
         lines += _per_setting(
-            _distinct(ok, "tasks", ("metric", "file", "n", "limit", "num_fewshot"), sub=t),
+            _distinct(ok, "tasks", ("metric", "file", "n", "limit", "num_fewshot", "stderr_method"), sub=t),
             lambda s, t=t: f"{t}: {_v(s[0])} on `{_v(s[1])}`, n = {_v(s[2])} samples (limit {_v(s[3])}), "
-                           f"{_v(s[4])}-shot; shown as percent ± stderr", len(ok))
+                           f"{_v(s[4])}-shot; shown as percent ± stderr"
+                           + (f", stderr {s[5]}" if s[5] else ""), len(ok))
     if lines:
-        lines.append("task scores come from lm-eval (stderr is lm-eval's); the plots' accuracy is the mean over "
-                     "all tasks, and a variant missing a task has none.")
+        lines.append("task scores come from lm-eval; the plots' accuracy is the mean over all tasks, and a variant "
+                     "missing a task has none.")
         lines.append("recovery = variant score / baseline score in percent, per task and averaged, with the 95% "
                      "confidence interval of the evaluation's bootstrap over documents, paired across variants "
                      "(every variant answers the same ones).")

@@ -159,11 +159,11 @@ def layer_facts(log_text: str) -> dict | None:
         return None
 
 
-def _precision(group: dict, dtype: str) -> tuple[str, str, bool]:
-    """(activations, GEMM, activations quantized) of one group of layers, from vLLM's resolved attributes: the
-    mapping of vLLM 0.32's CPU kernels (kernels/linear/mixed_precision/cpu.py, scaled_mm/cpu.py, scaled_mm/pytorch.py,
-    layers/utils.dispatch_cpu_unquantized_gemm) to the arithmetic they do."""
-    kernel, method = group.get("kernel") or "", group.get("method") or ""
+def _precision(group: dict, dtype: str) -> tuple[str, str, bool | None]:
+    """(activations, GEMM, activations quantized: None when unknown) of one group of layers, from vLLM's resolved
+    attributes: the mapping of vLLM 0.32's CPU kernels (kernels/linear/mixed_precision/cpu.py, scaled_mm/cpu.py,
+    scaled_mm/pytorch.py, layers/utils.dispatch_cpu_unquantized_gemm) to the arithmetic they do."""
+    kernel, method, scheme = group.get("kernel") or "", group.get("method") or "", group.get("scheme") or ""
     if kernel == "CPUWNA16LinearKernel":
         if group.get("use_w4a8"):
             return "uint8, per token, dynamic", "int4_scaled_mm_cpu (W4A8)", True
@@ -173,17 +173,18 @@ def _precision(group: dict, dtype: str) -> tuple[str, str, bool]:
         sym = "" if group.get("input_symmetric", True) else ", asymmetric"
         gemm = "sgl-kernel int8 GEMM (AMX)" if "sgl" in (group.get("kernel_method") or "") else "oneDNN int8 GEMM"
         return f"int8, {scope}{sym}", gemm, True
-    if "FP8" in kernel or "Fp8" in method:
-        scope = "per tensor" if "PerTensor" in kernel else "per token"
-        gemm = f"{kernel} (torch._scaled_mm, emulated on a CPU)" if "Torch" in kernel else kernel
-        return f"fp8 e4m3, {scope}, dynamic", gemm, True
+    if "FP8" in kernel or "Fp8" in method or "Fp8" in scheme:
+        scope = "per tensor" if group.get("act_per_tensor", "PerTensor" in kernel) else "per token"
+        how = "static" if group.get("is_static_input_scheme") else "dynamic"
+        gemm = f"{kernel} (torch._scaled_mm, emulated on a CPU)" if "Torch" in kernel else kernel or "unknown kernel"
+        return f"fp8 e4m3, {scope}, {how}", gemm, True
     if method.startswith("Unquantized"):
         if "Embedding" in method and not str(group.get("layers", "")).endswith("lm_head"):
             return dtype, "embedding lookup", False
         gemm = {"weight_packed_linear_cpu": "sgl-kernel (AMX)", "onednn_mm": "oneDNN",
                 "linear": "torch"}.get(group.get("cpu_linear"), "plain GEMM")
         return dtype, gemm, False
-    return f"unknown ({method} {kernel})", kernel or method, False
+    return f"unknown ({scheme or method} {kernel})".replace(" )", ")"), kernel or method, None
 
 
 def compute_path(facts: dict | None, declared_activations: str | None) -> dict | None:
@@ -199,9 +200,10 @@ def compute_path(facts: dict | None, declared_activations: str | None) -> dict |
         quantized = not str(g.get("method", "")).startswith("Unquantized")
         groups.append({"layers": g["layers"], "count": g.get("count"), "activations": acts, "gemm": gemm,
                        "quantized": quantized})
-        if quantized:
-            quantized_acts.add(acts if act_quantized else None)
-    own = all((a is None) == (declared_activations is None) for a in quantized_acts)
+        if quantized:  # None: the layer's dtype; an unknown path is named as such, never taken for the dtype
+            quantized_acts.add(None if act_quantized is False else acts)
+    own = all((a is None) == (declared_activations is None) and not (a or "").startswith("unknown")
+              for a in quantized_acts)
     runs = sorted(a or dtype for a in quantized_acts)
     label = ("unquantized, " + dtype) if not quantized_acts else ", ".join(runs) + " activations"
     return {"dtype": dtype, "groups": groups, "own_scheme": own, "label": label, "source": PROBE_SOURCE,

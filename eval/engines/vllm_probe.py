@@ -44,7 +44,8 @@ def describe(name: str, module) -> dict | None:
     scheme = getattr(module, "scheme", None)
     if scheme is not None:
         out["scheme"] = type(scheme).__name__
-    kernel = getattr(scheme, "kernel", None) or getattr(method, "kernel", None)
+    # the W8A8-int8 and WNA16 schemes keep theirs as `kernel`, the FP8 one as `fp8_linear` (vLLM 0.32)
+    kernel = getattr(scheme, "kernel", None) or getattr(scheme, "fp8_linear", None) or getattr(method, "kernel", None)
     if kernel is not None:
         out["kernel"] = type(kernel).__name__
         linear = getattr(kernel, "linear_method", None)
@@ -57,6 +58,12 @@ def describe(name: str, module) -> dict | None:
         act = getattr(config, "act_type", None)
         if act is not None:
             out["act_type"] = str(act)
+        scale = getattr(getattr(config, "activation_quant_key", None), "scale", None)  # an FP8 kernel's config
+        if scale is not None:
+            out["is_static_input_scheme"] = bool(getattr(scale, "static", False))
+            shape = getattr(scale, "group_shape", None)
+            if hasattr(shape, "is_per_tensor"):
+                out["act_per_tensor"] = bool(shape.is_per_tensor())
     for attr in ATTRIBUTES:
         if hasattr(module, attr):
             value = getattr(module, attr)

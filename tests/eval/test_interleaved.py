@@ -53,7 +53,8 @@ def test_identical_checkpoints_show_no_measurable_difference(tiny_model, tmp_pat
     shutil.copytree(tiny_model, twin)
     spec = {"engine": "transformers", "device": "cpu", "dtype": "float32"}
     out = speed_ratio({**spec, "folder": str(tiny_model)}, {**spec, "folder": str(twin)}, prompt_tokens=16,
-                      new_tokens=64, rounds=8, retries=8)
+                      new_tokens=64, rounds=8, retries=24)  # retries: short bursts of kernel work right after the
+    # vLLM tests (10-25% of a core in a window, seen in a full local run) contended all of 8 retries once
     assert out["ratio_lo"] <= 1.0 <= out["ratio_hi"] and out["verdict"] == "no measurable difference"
     assert out["rounds"] == 8 and out["coverage"] >= 0.95 and len(out["per_round"]) == out["rounds_run"]
     assert out["engine"]["engine"] == out["baseline_engine"]["engine"] == "transformers-eager"

@@ -87,3 +87,14 @@ def test_a_cluster_run_says_where_each_task_ran():
     assert "`ray://head:10001`: 2 node(s), 4 CPU(s) and 4 torch thread(s) per task, dashboard http://head:8265" in line
     where = _line(sections, "Compute", f"{rec['name']}: build on")
     assert "build on gpu-3 (10.0.0.3, pid 41, GPU [1], 12.5 s); measure on gpu-4 (10.0.0.4, pid 77, 30 s)" in where
+
+
+def test_each_task_says_how_its_stderr_was_computed():
+    """Issue 26: lm-eval's bootstrap left out where a mean's analytic stderr is exact; the report says which."""
+    results = json.loads((FIXTURE_RUN / "results.json").read_text())
+    for rec in results["variants"]:
+        if isinstance((rec.get("tasks") or {}).get("hellaswag"), dict):
+            rec["tasks"]["hellaswag"]["stderr_method"] = "analytic: sample std / sqrt(n) of the per-item scores"
+    hellaswag = _line(dict(provenance(results)), "Accuracy", "hellaswag:")
+    assert hellaswag.endswith("stderr analytic: sample std / sqrt(n) of the per-item scores"), hellaswag
+    assert _line(dict(provenance(results)), "Accuracy", "arc_easy:").endswith("± stderr")  # not recorded: no claim

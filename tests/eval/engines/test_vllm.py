@@ -104,6 +104,18 @@ def test_compute_path_says_what_vllm_computed_and_whether_it_is_the_checkpoints_
          "kernel_method": "_apply_weights_sgl", "count": 30}]}
     path = vllm.compute_path(int8, "int8, token, dynamic")
     assert path["own_scheme"] and path["groups"][0]["gemm"] == "sgl-kernel int8 GEMM (AMX)"
+    fp8 = {"dtype": "torch.bfloat16", "layers": [  # the lab's fp8-dynamic: the kernel is the scheme's fp8_linear
+        {"layers": "model.layers.*.mlp.down_proj", "method": "CompressedTensorsLinearMethod",
+         "scheme": "CompressedTensorsW8A8Fp8", "kernel": "ChannelWiseTorchFP8ScaledMMLinearKernel",
+         "is_static_input_scheme": False, "act_per_tensor": False, "count": 30}]}
+    path = vllm.compute_path(fp8, "float8, token, dynamic")
+    assert path["own_scheme"] and path["label"] == "fp8 e4m3, per token, dynamic activations", path
+    assert "emulated" in path["groups"][0]["gemm"]
+    unknown = {"dtype": "torch.bfloat16", "layers": [  # a probe that found no kernel: never labelled bf16
+        {"layers": "model.layers.*.mlp.down_proj", "method": "CompressedTensorsLinearMethod",
+         "scheme": "CompressedTensorsW4A4Nvfp4", "count": 30}]}
+    path = vllm.compute_path(unknown, None)
+    assert not path["own_scheme"] and path["label"].startswith("unknown (CompressedTensorsW4A4Nvfp4)"), path
     assert vllm.compute_path(None, None) is None
     assert vllm.layer_facts(f"x\n(EngineCore pid=1) {vllm.PROBE_MARKER} {json.dumps(PROBE_W4A16)}\n") == PROBE_W4A16
 
