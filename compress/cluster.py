@@ -324,8 +324,8 @@ def check_fits(settings: ClusterSettings, device: str) -> None:
 def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[dict[str, dict], dict[str, dict],
                                                                                  list[str]]:
     """Submit every variant's build and measurement; as each finishes, hand its record to `on_record(name,
-    record)` (the driver writes results.json), and the figures measured so far to `on_measured(measured)`. Returns (records, measured figures, errors of measurements that
-    failed). A task whose worker died is retried by Ray; one that is still lost after `max_retries` is the
+    record)` (the driver writes results.json), and the figures measured so far to `on_measured(measured)`. Returns
+    (records, measured figures, errors of measurements that failed). A task whose worker died is retried by Ray; one that is still lost after `max_retries` is the
     variant's failed row."""
     import ray
 

@@ -82,15 +82,14 @@ class Recipe(_Strict):
         if not any(v.method == "baseline" for v in self.variants):  # every table has its reference row
             self.variants.insert(0, UnchangedVariant(name="baseline", method="baseline"))
             self._baseline_added = True
-        served = self.evaluation.vllm.tasks if self.evaluation.vllm else False
-        if isinstance(served, list) and (unknown := [n for n in served if n not in {v.name for v in self.variants}]):
-            raise ValueError(f"evaluation.vllm.tasks: {unknown} are not variant names; expected some of "
-                             f"{[v.name for v in self.variants]} (or true for every variant)")
-        runtime = self.evaluation.vllm.runtime_variants if self.evaluation.vllm else {}
-        for path, rows in runtime.items():
-            if isinstance(rows, list) and (unknown := [n for n in rows if n not in {v.name for v in self.variants}]):
-                raise ValueError(f"evaluation.vllm.runtime_variants.{path}: {unknown} are not variant names; "
-                                 f"expected some of {[v.name for v in self.variants]} (or true for every variant)")
+        vllm = self.evaluation.vllm
+        named = {} if vllm is None else {"evaluation.vllm.tasks": vllm.tasks, **{
+            f"evaluation.vllm.runtime_variants.{path}": rows for path, rows in vllm.runtime_variants.items()}}
+        names = [v.name for v in self.variants]
+        for field, rows in named.items():  # a list names variants; true: every variant
+            if isinstance(rows, list) and (unknown := [n for n in rows if n not in names]):
+                raise ValueError(f"{field}: {unknown} are not variant names; expected some of {names} (or true for "
+                                 f"every variant)")
         return self
 
     def field_path(self, variant_index: int, field: str) -> str:

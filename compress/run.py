@@ -117,13 +117,11 @@ def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False, cluste
 
 
 def _why_stopped(e: BaseException) -> str:
-    from compress.resources import one_line
-
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if isinstance(e, SystemExit):
         return str(e) if getattr(e, "signum", None) else f"exited ({e.code})"
-    return one_line(e, Path("."))
+    return resources.one_line(e, Path("."))
 
 
 def _publish(results: Results, output: Path) -> dict:

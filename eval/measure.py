@@ -445,11 +445,9 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
     from eval.recovery import recovery
 
     for name, result in measured.items():
-        summary = {k: v for k, v in result.items()
-                   if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth")}
-        if "per_round" in summary.get("speed_ratio", {}):  # the rounds stay in eval/<variant>.json
-            summary["speed_ratio"] = {k: v for k, v in summary["speed_ratio"].items() if k != "per_round"}
-        if "per_round" in (summary.get("vllm") or {}).get("speed_ratio", {}):
+        summary = _without_rounds({k: v for k, v in result.items()  # the rounds stay in eval/<variant>.json
+                                   if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth")})
+        if summary.get("vllm"):
             summary["vllm"] = _without_rounds(summary["vllm"])
         if summary.get("vllm_runtime"):
             summary["vllm_runtime"] = {rt: _without_rounds(v) for rt, v in summary["vllm_runtime"].items()}
@@ -464,11 +462,12 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
             records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
 
 
-def _without_rounds(served: dict) -> dict:
-    sr = served.get("speed_ratio")
+def _without_rounds(figures: dict) -> dict:
+    """`figures` (a row's, or its vLLM row's) without the speed ratio's per-round list."""
+    sr = figures.get("speed_ratio")
     if not sr or "per_round" not in sr:
-        return served
-    return {**served, "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
+        return figures
+    return {**figures, "speed_ratio": {k: v for k, v in sr.items() if k != "per_round"}}
 
 
 def _served_summary(served: dict, local: dict | None) -> dict:
