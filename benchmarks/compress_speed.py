@@ -101,7 +101,7 @@ def _direct(model, variant, windows) -> list[str]:
 
     from compress.backends.llmcompressor import _lib, _no_pinning_without_accelerator, build_modifiers
 
-    oneshot = _lib()[0].oneshot  # llm-compressor's own entry point, imported where compress imports it
+    oneshot = _lib().oneshot  # llm-compressor's own entry point, imported where compress imports it
 
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
     workarounds = []

@@ -116,7 +116,7 @@ class Job:
 
 def base_record(job: Job, v: VariantBase, **fields) -> dict:
     """The fields every backend's record starts with (compress/record.py declares them all)."""
-    return {"name": v.name, "method": v.method, "scheme": v.scheme, **fields, "status": "ok",
+    return {"name": v.name, "method": v.method, "scheme": v.label, **fields, "status": "ok",
             "checkpoint": str(job.dest)}
 
 
@@ -195,7 +195,7 @@ def transformers_checkpoint(job: Job, v: VariantBase, compress_step, *, quantize
         shutil.rmtree(staging, ignore_errors=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.scheme,
+    log.info("stage variant-done: %s %s, %.1f MB weights, %.1f s compress, self-check %.3g", v.name, v.label,
              record["weights_bytes"] / 1e6, compress_seconds, diff)
     return record
 

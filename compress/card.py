@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compress.backends.unchanged import REFERENCE
+
 
 def serve_command(folder: Path, saved_dtype: str, kv_fp8: bool = False, bitsandbytes: bool = False) -> str:
     cmd = f"vllm serve {folder.resolve()}"
@@ -78,14 +80,21 @@ def _method_lines(record: dict) -> list[str]:
                 f"the rest is metadata and the tokenizer{', ' + g['tokenizer'] if g.get('tokenizer') else ''})"]
     if b := record.get("bnb"):
         extra = (f"blocks of {b['block_size']}, double quantization {'on' if b['double_quant'] else 'off'}, "
-                 f"compute dtype {b['compute_dtype']}" if b["format"] == "NF4"
+                 f"compute dtype {b['compute_dtype']}" if "block_size" in b
                  else f"int8 rows, activation outliers above {b['outlier_threshold']:g} computed in 16 bits")
         return [f"- method: `{record['method']}`, {b['format']} via bitsandbytes {b['bitsandbytes']} ({extra}), "
                 f"quantized as transformers {env['transformers']} loaded the full-precision weights",
                 f"- layers kept unquantized: {', '.join(b['skip_modules']) or 'none'}"]
-    return [f"- method: `{record['method']}`, scheme `{record['scheme']}`, via llm-compressor "
-            f"{env['llmcompressor']} (compressed-tensors {env['compressed_tensors']})",
-            f"- ignored layers (kept in {record['saved_dtype']}): {', '.join(record['ignore']) or 'none'}"]
+    lines = [f"- method: `{record['method']}`, scheme `{record['scheme']}`, via llm-compressor "
+             f"{env['llmcompressor']} (compressed-tensors {env['compressed_tensors']})",
+             f"- ignored layers (kept in {record['saved_dtype']}): {', '.join(record['ignore']) or 'none'}"]
+    if f := record.get("format"):  # from compress/backends/llmcompressor.py's tables
+        rotation = f", after a {f['rotate']} Hadamard rotation" if f.get("rotate") else ""
+        lines[1:1] = [f"- {f['method']}{rotation}",
+                      f"- format: compressed-tensors preset `{f['preset']}`; weights {f['weights']}, activations "
+                      f"{f['activations']}; {f['bits_per_weight']:g} bits per weight including scales",
+                      f"- served by (reference, read from vLLM 0.32's source, not measured here): {f['vllm_reference']}"]
+    return lines
 
 
 def _selfcheck_rows(record: dict) -> list[str]:
@@ -159,7 +168,7 @@ def _evaluation_rows(record: dict) -> list[str]:
     if p := record.get("perplexity"):
         rows.append(f"| perplexity, `{Path(p['file']).name}` ({p['windows']} windows x {p['context']} tokens, stride "
                     f"{p['stride']}, {p['tokens']:,} tokens) | {p['value']:.3f} |")
-    if (kl := record.get("kl")) and record["method"] != "baseline":
+    if (kl := record.get("kl")) and record["method"] != REFERENCE:
         rows.append(f"| KL divergence from the baseline, same tokens (nats/token) | {kl['mean']:.4f} "
                     f"± {kl['stderr']:.4f} |")
         rows.append(f"| top-1 agreement with the baseline | {100 * kl['top1_agreement']:.1f} % |")

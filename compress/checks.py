@@ -39,7 +39,8 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
             except InputError as e:
                 raise InputError(f"{recipe_path}: {field}: {str(e).split(': ', 1)[1]}") from None
             _not_evaluated_on(Path(v.distill.data), f"{recipe_path}: {field}", eval_files)
-    device, _ = resolve_device_dtype(recipe.model)
+    device, dtype = resolve_device_dtype(recipe.model)
+    check_dtypes(recipe, recipe_path, dtype)
     check_group_sizes(recipe, recipe_path, load_config(source))
     check_backends(recipe, recipe_path)
     check_output(recipe, recipe_path)
@@ -82,16 +83,17 @@ def check_output(recipe: Recipe, recipe_path: Path) -> None:
 
 def check_backends(recipe: Recipe, recipe_path: Path) -> None:
     """A variant whose backend library is not installed fails up front, naming the extra to install, before any
-    work (a backend's class names its optional library as REQUIRES = (import name, pip package))."""
+    work (a backend's class, or a method's table entry, names its optional library as REQUIRES = (import name,
+    distribution, install line))."""
     errors = []
     for i, v in enumerate(recipe.variants):
         requires = getattr(v, "REQUIRES", None)
         if requires is None:
             continue
-        module, package = requires
+        module, package, install = requires
         if importlib.util.find_spec(module) is None:
             errors.append(f"{recipe_path}: {recipe.field_path(i, 'method')}: {v.method!r} needs {package}, which is "
-                          f"not installed; install the optional extra: pip install -e '.[edge]'")
+                          f"not installed; install it: {install}")
     if errors:
         raise InputError("\n".join(errors))
 
@@ -101,6 +103,17 @@ def _not_evaluated_on(path: Path, field: str, eval_files: set[Path]) -> None:
     if path.expanduser().resolve() in eval_files:
         raise InputError(f"{field}: {path} is an evaluation file of this recipe (perplexity or task data); "
                          f"calibrate and distill on other text, e.g. ../shared/data/calibration/c4_validation_2k.jsonl")
+
+
+def check_dtypes(recipe: Recipe, recipe_path: Path, dtype) -> None:
+    """A format that builds and reloads only in one compute dtype (the fp4 schemes: bfloat16) in a run that computes
+    in another is refused before any work."""
+    have = str(dtype).removeprefix("torch.")
+    errors = [f"{recipe_path}: {recipe.field_path(i, 'scheme')}: {v.scheme!r} builds and reloads only from a "
+              f"{need} model (compressed-tensors decompresses it to {need}); this run computes in {have}: set "
+              f"model.dtype: {need}" for i, v in enumerate(recipe.variants) if (need := v.requires_dtype) and need != have]
+    if errors:
+        raise InputError("\n".join(errors))
 
 
 def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
@@ -115,15 +128,18 @@ def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
             errors.append(f"{recipe_path}: {recipe.field_path(i, 'distill.student.drop')}: {drop} names layers "
                           f"beyond the teacher's 0..{layers - 1}")
     for i, v in enumerate(recipe.variants):
-        if not isinstance(v, LLMCompressorVariant) or not v.group_size:
+        group = v.weight_format()[1] if isinstance(v, LLMCompressorVariant) else None
+        if not group:
             continue
         widths = quantized_input_widths(config, v.ignore)
-        bad = {name: w for name, w in widths.items() if w % v.group_size}
+        bad = {name: w for name, w in widths.items() if w % group}
         if bad:
             name, w = next(iter(bad.items()))
+            field, what = (("group_size", f"{group} does not divide") if v.group_size else
+                           ("scheme", f"{v.scheme!r} has groups of {group} inputs, which do not divide"))
             ok = [g for g in (32, 64, 128, 256) if all(x % g == 0 for x in widths.values())]
-            errors.append(f"{recipe_path}: {recipe.field_path(i, 'group_size')}: {v.group_size} does not divide the "
-                          f"input width of {len(bad)} layers (e.g. {name}: {w}); expected a divisor of every quantized width "
+            errors.append(f"{recipe_path}: {recipe.field_path(i, field)}: {what} the input width of {len(bad)} layers "
+                          f"(e.g. {name}: {w}); expected a divisor of every quantized width "
                           f"{sorted(set(widths.values()))}, such as {ok or 'none of 32/64/128/256: use per-channel'}")
     if errors:
         raise InputError("\n".join(errors))

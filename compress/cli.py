@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                             help="rebuild report.md/.html and results.csv from one or more run directories")
     report.add_argument("runs", nargs="+", type=Path)
     report.add_argument("--out", type=Path, default=None, help="where the merged report goes (needed for 2+ runs)")
+    formats = sub.add_parser("formats", parents=[common],
+                             help="the schemes a recipe can ask for: methods that write each, bits per weight, what "
+                                  "serves it (vLLM's kernels, read from its source)")
+    formats.add_argument("--json", action="store_true", help="the table as JSON")
     return p
 
 
@@ -57,7 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _formats(as_json: bool) -> int:
+    from compress.backends.llmcompressor import METHODS, scheme_table
+
+    table = scheme_table()
+    if as_json:
+        print(json.dumps({"schemes": table, "methods": {n: {"schemes": list(m.schemes), "calibrates": m.calibrates,
+                                                            "options": m.options, "what": m.what}
+                                                        for n, m in METHODS.items()}}, indent=2))
+        return 0
+    print("scheme       bits/w  calibrated  methods                          served by (vLLM 0.32, REFERENCE: read from "
+          "its source, not measured)")
+    for row in table:
+        print(f"{row['scheme']:<12} {row['bits_per_weight']:>6.3g}  {'yes' if row['calibrated'] else 'no':<10}  "
+              f"{', '.join(row['methods']):<32} {row['vllm_reference']}")
+    print("\nbits/w: stored bits per weight with scales (integer schemes at group_size 64, bf16 scales); "
+          "methods:")
+    for name, m in METHODS.items():
+        print(f"  {name:<17} {m.what}")
+    return 0
+
+
 def _main(args) -> int:
+    if args.command == "formats":
+        return _formats(args.json)
     if args.command == "report":
         from compress.report import main_report
 

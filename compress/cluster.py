@@ -37,6 +37,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from compress import stop
+from compress.backends.unchanged import REFERENCE
 from compress.options import ClusterSettings, InputError
 
 log = logging.getLogger("compress")
@@ -277,7 +278,7 @@ def measure_task(state, name: str, built: tuple, base_built: tuple | None, base_
     started = time.time()
     _worker_start(state, "measure", name)
     ev = state.recipe.evaluation
-    if base_built is None and record["method"] == "baseline":
+    if base_built is None and record["method"] == REFERENCE:
         base = record  # the baseline's own measurement: its KL is 0, and it saves the others' KL reference
     else:
         base = base_built[0] if base_built and base_built[0]["status"] == "ok" else None
@@ -339,7 +340,7 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
     build = ray.remote(max_calls=1)(build_task)
     measure = ray.remote(max_calls=1)(measure_task)
     names = [v.name for v in state.recipe.variants]
-    base_name = next(v.name for v in state.recipe.variants if v.method == "baseline")
+    base_name = next(v.name for v in state.recipe.variants if v.is_reference)
     state.only_baseline = len(names) == 1
     records: dict[str, dict] = {}
     build_refs = {}
@@ -350,7 +351,7 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
     for v in ordered:  # a complete checkpoint is reused here: no task, no worker started for it
         cached = cached_record(state.output / v.name, state.keys[v.name])
         if cached is not None:
-            log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, state.output / v.name)
+            log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.label, state.output / v.name)
             records[v.name] = {**cached, "cached": True, "cluster": {"address": s.address}}
             on_record(v.name, records[v.name])
             build_refs[v.name] = ray.put((records[v.name], None))

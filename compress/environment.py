@@ -63,7 +63,7 @@ def environment(device: str, dtype) -> dict:
         "compressed_tensors": version("compressed-tensors"),
         "lm_eval": version("lm-eval"),
     }
-    for key, dist in (("bitsandbytes", "bitsandbytes"), ("llama_cpp_python", "llama-cpp-python")):
+    for key, dist in (("bitsandbytes", "bitsandbytes"), ("llama_cpp_python", "llama-cpp-python"), ("auto_round", "auto-round")):
         try:  # the optional backends (the `edge` extra), by their installed metadata: nothing heavy is imported
             env[key] = version(dist)
         except PackageNotFoundError:

@@ -21,7 +21,7 @@ def calibration_settings(recipe, v: VariantBase) -> dict | None:
     if not v.calibrated:
         return None
     cal = recipe.calibration
-    samples, seq_len = cal.shape_for(v.method)
+    samples, seq_len = cal.shape_for(v.default_calibration_shape())
     out = {"source": cal.source, "text_field": cal.text_field, "split": cal.split, "seed": cal.seed,
            "samples": v.samples or samples, "seq_len": v.seq_len or seq_len}
     return {**out, **v.calibration_extras()}  # part of the cache key: e.g. GPTQ's weights depend on the pipeline

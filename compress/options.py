@@ -57,17 +57,18 @@ class Calibration(_Strict):
     seq_len: int = Field(512, gt=0)
     seed: int = 0
 
-    def shape_for(self, method: str) -> tuple[int, int]:
-        """(samples, seq_len) a method calibrates on when neither its variant nor this section says otherwise.
+    def shape_for(self, default: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(samples, seq_len) a variant calibrates on when it does not say: what this section sets, else its method's
+        `default` shape (VariantBase.default_calibration_shape), else this section's defaults.
 
         Chosen from benchmarks/calibration_sweep.py on SmolLM2-135M (C4, W4A16 g64, 2-core CPU, WikiText-2 test KL to
         the baseline): GPTQ 16 / 64 / 128 x 512 tokens gave KL 0.363 / 0.310 / 0.304 in 49 / 125 / 235 s, so 64 x 512
         is the knee. AWQ's grid search costs ~28 ms per calibration token here: 16 x 256 gave KL 0.195 in 117 s,
-        64 x 256 gave 0.189 in 439 s, so AWQ defaults to 16 x 256 unless the recipe sets a shape."""
-        if method == "awq":
-            return (self.samples if "samples" in self.model_fields_set else 16,
-                    self.seq_len if "seq_len" in self.model_fields_set else 256)
-        return self.samples, self.seq_len
+        64 x 256 gave 0.189 in 439 s, so AWQ's entry defaults to 16 x 256 unless the recipe sets a shape."""
+        if default is None:
+            return self.samples, self.seq_len
+        return (self.samples if "samples" in self.model_fields_set else default[0],
+                self.seq_len if "seq_len" in self.model_fields_set else default[1])
 
 
 class KVCache(_Strict):
@@ -175,7 +176,7 @@ class VariantBase(_Strict):
     modules stay unquantized, a calibration shape of its own, a KV-cache format, a distilled student.
 
     Each method family subclasses this in compress/backends/ with its `method` literal, its own keys and rules,
-    `scheme` and `build`; compress/recipe.py unites them on `method`, so a key of another method is an unknown key.
+    `label` and `build`; compress/recipe.py unites them on `method`, so a key of another method is an unknown key.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -185,13 +186,17 @@ class VariantBase(_Strict):
     kv_cache: KVCache | None = None  # None: the model's own dtype (16-bit when served)
     distill: Distill | None = None  # train a smaller student first; the method then quantizes the student
 
-    # the flat variant of the first recipe format: the cache key hashes a variant in this shape, so checkpoints
-    # built before the options were split per method keep their key (fields added later hash only when set)
-    KEY_FIELDS: ClassVar[tuple[str, ...]] = ("name", "method", "bits", "group_size", "symmetric", "ignore", "smoothing_strength",
-                  "dampening_frac", "samples", "seq_len", "kv_cache", "distill", "compute_dtype", "double_quant",
-                  "gguf_type", "imatrix")
+    # The cache key hashes every field of a variant (key_fields), in the first recipe format's flat shape: these
+    # fields always (None where a class has no such option), every field added since only when it is not None, so
+    # the checkpoints built before a field existed keep their key. A field that cannot change the checkpoint is
+    # declared in NOT_KEYED with the reason; tests/compress/test_keys.py proves every field of every class either
+    # changes the key or is declared.
+    FIRST_FIELDS: ClassVar[tuple[str, ...]] = ("name", "method", "bits", "group_size", "symmetric", "ignore",
+                                               "smoothing_strength", "dampening_frac", "samples", "seq_len")
+    NOT_KEYED: ClassVar[dict[str, str]] = {}
+    # what to say after "method X does not take KEY": per key, or "*" for any key (see recipe._message)
+    KEY_HINTS: ClassVar[dict[str, str]] = {}
     OFFLOADS: ClassVar[bool] = True  # built in memory or, with model.offload, layer by layer from disk
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("kv_cache", "distill", "compute_dtype", "double_quant", "gguf_type", "imatrix")
 
     @field_validator("name")
     @classmethod
@@ -206,15 +211,40 @@ class VariantBase(_Strict):
         if (self.samples or self.seq_len) and not self.calibrated:
             raise ValueError(f"method {self.method!r} uses no calibration data here; remove samples/seq_len{hint}")
 
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        """The `method` values this class takes (its Literal; a class whose methods are a table says so)."""
+        return cls.model_fields["method"].annotation.__args__
+
+    @classmethod
+    def methods_taking(cls, key: str) -> list[str]:
+        """The methods of this class that take recipe key `key` (for "only ... do" messages)."""
+        return list(cls.methods()) if key in cls.model_fields else []
+
     def key_fields(self) -> dict:
-        """This variant as the cache key hashes it (see KEY_FIELDS)."""
-        out = {}
-        for f in self.KEY_FIELDS:
-            value = getattr(self, f, None)
-            if f in self.LATER_FIELDS and value is None:
-                continue
-            out[f] = value.model_dump() if isinstance(value, BaseModel) else value
+        """This variant as the cache key hashes it (see FIRST_FIELDS)."""
+        def dump(value):
+            return value.model_dump() if isinstance(value, BaseModel) else value
+
+        out = {f: dump(getattr(self, f, None)) for f in self.FIRST_FIELDS}
+        for f in type(self).model_fields:
+            if f not in out and f not in self.NOT_KEYED and getattr(self, f) is not None:
+                out[f] = dump(getattr(self, f))
         return out
+
+    @property
+    def requires_dtype(self) -> str | None:
+        """The compute dtype this variant's format needs (None: any); compress.checks refuses the run otherwise."""
+        return None
+
+    @property
+    def is_reference(self) -> bool:
+        """The baseline row every table compares against (compress/backends/unchanged.py)."""
+        return False
+
+    def default_calibration_shape(self) -> tuple[int, int] | None:
+        """(samples, seq_len) this variant's method calibrates on unless the recipe says (None: the section's)."""
+        return None
 
     def calibration_extras(self) -> dict:
         """What the backend adds to the calibration record and cache key (how it calibrates)."""
@@ -250,6 +280,11 @@ class VariantBase(_Strict):
         """The KV format is part of the checkpoint (scales + kv_cache_scheme that vLLM reads); otherwise it is
         applied at evaluation time only, as an engine with that cache format would."""
         return bool(self.kv_cache and self.kv_cache.dtype == "fp8")
+
+    @property
+    def label(self) -> str:
+        """The scheme's display name (record, report, model card, logs): each class says its own."""
+        raise NotImplementedError
 
     def _suffix(self) -> str:
         """The scheme's tail: the KV format and the student, if any."""

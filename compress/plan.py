@@ -32,7 +32,7 @@ def plan(recipe: Recipe, recipe_path: Path, measure_distill: bool = False) -> di
     rows = []
     for v in recipe.variants:
         cal = calibration_settings(recipe, v)
-        rows.append({"name": v.name, "method": v.method, "scheme": v.scheme, "ignore": v.ignore,
+        rows.append({"name": v.name, "method": v.method, "scheme": v.label, "ignore": v.ignore,
                      "calibration": f"{cal['samples']} x {cal['seq_len']} tokens of {cal['source']}" if cal else None,
                      "checkpoint": str(Path(recipe.output) / v.name)})
     out = {"model": source.description, "note": source.note, "device": device,

@@ -19,34 +19,43 @@ from pathlib import Path
 from typing import Annotated, Union
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
 from compress.backends.bnb import BNB_METHODS, BnbVariant
 from compress.backends.gguf import GGUF_TYPE_BITS, GGUF_UNQUANTIZED, GGUFVariant
-from compress.backends.llmcompressor import CALIBRATED_METHODS, GROUPED_METHODS, METHOD_BITS, LLMCompressorVariant
-from compress.backends.unchanged import UnchangedVariant
+from compress.backends.llmcompressor import LLMCompressorVariant
+from compress.backends.unchanged import REFERENCE, UnchangedVariant
 from compress.options import (EMBEDDED_MODEL, RESERVED_NAMES, Calibration, ClusterSettings, Distill, Evaluation, InputError, KVCache,
                               ModelSpec, Offload, PerplexitySettings, PlannerSettings, Student, ThroughputSettings,
                               VariantBase, WatchdogSettings, _Strict)
 
-__all__ = ["BNB_METHODS", "CALIBRATED_METHODS", "EMBEDDED_MODEL", "GGUF_TYPE_BITS", "GGUF_UNQUANTIZED",
-           "GROUPED_METHODS", "METHOD_BITS", "RESERVED_NAMES", "Calibration", "Distill", "Evaluation", "InputError",
+__all__ = ["BNB_METHODS", "EMBEDDED_MODEL", "GGUF_TYPE_BITS", "GGUF_UNQUANTIZED", "RESERVED_NAMES", "Calibration", "Distill", "Evaluation", "InputError",
            "KVCache", "ModelSpec", "Offload", "PerplexitySettings", "PlannerSettings", "Recipe", "Student",
            "ThroughputSettings", "Variant", "VariantBase", "load_recipe", "parse_variant"]
 
-# one class per method family; adding a method family = one backend module and its class here
+# one class per method family; adding a method family = one backend module and its class here. The union is
+# decided by `method` at validation time, from each class's own list (llm-compressor's is its METHODS table), so a
+# method added to a table is a recipe method without another edit.
 VARIANT_CLASSES = (UnchangedVariant, LLMCompressorVariant, BnbVariant, GGUFVariant)
-Variant = Annotated[Union[VARIANT_CLASSES], Field(discriminator="method")]
 
 
-def _methods(cls) -> tuple[str, ...]:
-    return cls.model_fields["method"].annotation.__args__
+def _family(data) -> str | None:
+    method = data.get("method") if isinstance(data, dict) else getattr(data, "method", None)
+    return next((cls.__name__ for cls in VARIANT_CLASSES if method in cls.methods()), None)
 
 
-METHODS = tuple(m for cls in VARIANT_CLASSES for m in _methods(cls))
-# key -> the methods whose variants take it (for "unknown key" messages that say where a key belongs)
-KEY_METHODS = {key: [m for cls in VARIANT_CLASSES if key in cls.model_fields for m in _methods(cls)]
-               for cls in VARIANT_CLASSES for key in cls.model_fields}
+Variant = Annotated[Union[tuple(Annotated[cls, Tag(cls.__name__)] for cls in VARIANT_CLASSES)],
+                    Discriminator(_family)]
+
+
+def methods() -> list[str]:
+    """Every `method` a recipe may name, now (the tables may have grown since import)."""
+    return [m for cls in VARIANT_CLASSES for m in cls.methods()]
+
+
+def methods_taking(key: str) -> list[str]:
+    """The methods whose variants take recipe key `key` (for "unknown key" messages that say where a key belongs)."""
+    return [m for cls in VARIANT_CLASSES for m in cls.methods_taking(key)]
 
 
 class Recipe(_Strict):
@@ -70,8 +79,8 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique, repeated: {dupes}")
-        if sum(v.method == "baseline" for v in variants) > 1:
-            raise ValueError("at most one variant may have method 'baseline'")
+        if sum(v.is_reference for v in variants) > 1:
+            raise ValueError(f"at most one variant may have method {REFERENCE!r}")
         return variants
 
     @model_validator(mode="after")
@@ -79,8 +88,8 @@ class Recipe(_Strict):
         needing = [v.name for v in self.variants if v.calibrated]
         if needing and self.calibration is None:
             raise ValueError(f"variants {needing} are calibrated methods; add a `calibration:` section")
-        if not any(v.method == "baseline" for v in self.variants):  # every table has its reference row
-            self.variants.insert(0, UnchangedVariant(name="baseline", method="baseline"))
+        if not any(v.is_reference for v in self.variants):  # every table has its reference row
+            self.variants.insert(0, UnchangedVariant(name=REFERENCE, method=REFERENCE))
             self._baseline_added = True
         vllm = self.evaluation.vllm
         named = {} if vllm is None else {"evaluation.vllm.tasks": vllm.tasks, **{
@@ -105,9 +114,10 @@ def parse_variant(data: dict) -> VariantBase:
 
 
 def _loc(loc: tuple) -> str:
-    """`variants[2].group_size` from pydantic's location, leaving out the union's tag (`variants.2.gptq.group_size`)."""
+    """`variants[2].group_size` from pydantic's location, leaving out the union's tag (`variants.2.<class>.group_size`)."""
     parts = list(loc)
-    if len(parts) > 2 and parts[0] == "variants" and isinstance(parts[1], int) and parts[2] in METHODS:
+    tags = {cls.__name__ for cls in VARIANT_CLASSES}
+    if len(parts) > 2 and parts[0] == "variants" and isinstance(parts[1], int) and parts[2] in tags:
         del parts[2]
     out = ""
     for part in parts:
@@ -120,18 +130,20 @@ def _message(err: dict, data: dict) -> tuple[str, str]:
     where = _loc(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     kind = err["type"]
-    if kind == "union_tag_invalid":
-        return f"{where}.method", f"expected one of {list(METHODS)}, got {err['input'].get('method')!r}"
-    if kind == "union_tag_not_found":
-        return f"{where}.method", f"missing; expected one of {list(METHODS)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # _family found no class for this method
+        got = err["input"].get("method") if isinstance(err["input"], dict) else None
+        if got is None:
+            return f"{where}.method", f"missing; expected one of {methods()}"
+        return f"{where}.method", f"expected one of {methods()}, got {got!r}"
     if kind == "extra_forbidden":
         key = err["loc"][-1]
-        if key in KEY_METHODS and err["loc"][0] == "variants":
-            method = err["loc"][2] if len(err["loc"]) > 2 else "?"
-            hint = " (choose the llama.cpp type with gguf_type)" if method == "gguf" and key == "bits" else ""
-            if method in ("baseline", "none"):
-                hint = " (it takes no weight quantization settings)"
-            return where, f"method {method!r} does not take {key}; only {', '.join(KEY_METHODS[key])} do{hint}"
+        if err["loc"][0] == "variants" and (takers := methods_taking(key)):
+            variant = data["variants"][err["loc"][1]]
+            method = variant.get("method", "?")
+            cls = next((c for c in VARIANT_CLASSES if c.__name__ == _family(variant)), None)
+            text = cls.KEY_HINTS.get(key, cls.KEY_HINTS.get("*")) if cls else None
+            hint = f" ({text})" if text else ""
+            return where, f"method {method!r} does not take {key}; only {', '.join(takers)} do{hint}"
         return where, "unknown key (check the spelling; see recipes/ for the accepted keys)"
     if kind == "value_error" and ":" in msg and all(p.isidentifier() for p in msg.split(":")[0].split(".")):
         field, msg = msg.split(":", 1)

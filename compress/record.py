@@ -283,6 +283,7 @@ class Record(BaseModel):
     distill: dict | None = None
     bnb: dict | None = None
     gguf: dict | None = None
+    format: dict | None = None  # llm-compressor rows: the scheme's facts from its table (LLMCompressorVariant.facts)
     serve: str | None = None
     environment: dict | None = None
     # where it ran on a Ray cluster (compress/cluster.py): the address, and per stage ("build", "measure") the node

@@ -181,7 +181,7 @@ def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
 
     results.cluster = conn.info()
     on_row = _progress_writer(state, results, written)
-    base_name = next(v.name for v in state.recipe.variants if v.method == "baseline")
+    base_name = next(v.name for v in state.recipe.variants if v.is_reference)
     records, measured, errors = ray_cluster.run_variants(
         conn, state, on_record, on_measured=lambda measured: on_row(measured, base_name, "measure"))
     failed = sum(r["status"] != "ok" for r in records.values())
@@ -216,7 +216,7 @@ def _inputs(recipe: Recipe, source: Source) -> dict[str, Path]:
 
 def failed_record(v, error: str, env: dict) -> dict:
     """The row of a variant that has no checkpoint: its build failed (or, on a cluster, its task was lost)."""
-    return {"name": v.name, "method": v.method, "scheme": v.scheme, "status": "failed", "error": error,
+    return {"name": v.name, "method": v.method, "scheme": v.label, "status": "failed", "error": error,
             "checkpoint": None, "environment": env}
 
 
@@ -229,7 +229,7 @@ def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
     dest = state.output / v.name
     cached = cached_record(dest, state.keys[v.name])
     if cached is not None:
-        log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.scheme, dest)
+        log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.label, dest)
         return {**cached, "cached": True}
     job = Job(state.recipe, state.source, state.source_info, state.device, state.dtype, env, state.keys[v.name], dest,
               windows)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compress import ownership, stop
+from compress.backends.unchanged import REFERENCE
 from compress.checkpoint import sha256_file
 from compress.options import Evaluation, InputError
 from eval.accuracy import TASKS_DIR, available_tasks
@@ -133,8 +134,8 @@ def _read_cached(path: Path) -> dict | None:
 def evaluation_order(records: dict[str, dict]) -> tuple[list[str], str | None]:
     """The ok variants, baseline first (every other row's KL reference and speed reference), and its name."""
     names = sorted((n for n, r in records.items() if r["status"] == "ok"),
-                   key=lambda n: records[n]["method"] != "baseline")
-    return names, next((n for n in names if records[n]["method"] == "baseline"), None)
+                   key=lambda n: records[n]["method"] != REFERENCE)
+    return names, next((n for n in names if records[n]["method"] == REFERENCE), None)
 
 
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal, NamedTuple
 
 from pydantic import model_validator
 
@@ -35,7 +35,28 @@ from compress.options import VariantBase, field_error
 
 log = logging.getLogger("compress")
 
-BNB_METHODS = ("bnb-nf4", "bnb-int8")
+
+class BnbFormat(NamedTuple):
+    """One bitsandbytes format: what it stores and how transformers is asked for it."""
+
+    name: str
+    bits: int
+    block: int | None  # weights per absmax scale; None: one scale per row
+    options: tuple[str, ...]  # the variant keys it takes
+    facts: dict  # what the record and the model card say besides the options
+    config: Callable  # (variant, compute dtype) -> BitsAndBytesConfig keyword arguments
+
+
+FORMATS: dict[str, BnbFormat] = {
+    "bnb-nf4": BnbFormat("NF4", 4, 64, ("compute_dtype", "double_quant"), {"block_size": 64},
+                         lambda v, compute: {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                             "bnb_4bit_use_double_quant": bool(v.double_quant),
+                                             "bnb_4bit_compute_dtype": compute}),
+    "bnb-int8": BnbFormat("LLM.int8", 8, None, (), {"outlier_threshold": 6.0},
+                          lambda v, compute: {"load_in_8bit": True}),
+}
+BNB_METHODS = tuple(FORMATS)
+_OPTIONS = ("compute_dtype", "double_quant")
 
 
 class BnbVariant(VariantBase):
@@ -43,9 +64,10 @@ class BnbVariant(VariantBase):
     matmul dtype and NF4's double quantization are choices."""
 
     LIBRARY: ClassVar[str] = "bitsandbytes"  # its version decides the weights (part of the cache key)
-    REQUIRES: ClassVar[tuple[str, str]] = ("bitsandbytes", "bitsandbytes")  # import, pip package (optional)
+    # import, distribution, how to install it (optional)
+    REQUIRES: ClassVar[tuple[str, str, str]] = ("bitsandbytes", "bitsandbytes", "pip install -e '.[edge]'")
 
-    method: Literal["bnb-nf4", "bnb-int8"]
+    method: Literal[BNB_METHODS]  # the keys of FORMATS
     # the dtype NF4's matmuls run in (default: the model's compute dtype, fp32 on CPU) and double quantization (the
     # per-block absmax scales quantized again to 8 bits; saves ~0.4 bits per weight)
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -53,34 +75,36 @@ class BnbVariant(VariantBase):
 
     @model_validator(mode="after")
     def _rules(self) -> "BnbVariant":
-        if self.method == "bnb-int8":
-            for key in ("compute_dtype", "double_quant"):
-                if getattr(self, key) is not None:
-                    raise field_error(key, f"only method 'bnb-nf4' takes {key}")
-        elif self.double_quant is None:
+        for key in _OPTIONS:
+            if key not in self.format.options and getattr(self, key) is not None:
+                takers = [m for m, f in FORMATS.items() if key in f.options]
+                raise field_error(key, f"only method {', '.join(map(repr, takers))} takes {key}")
+        if "double_quant" in self.format.options and self.double_quant is None:
             self.double_quant = True
         if self.kv_cache is not None:
             raise field_error("kv_cache", f"method {self.method!r} keeps its engine's own KV cache; quantized KV "
-                                          f"caches go with methods none/rtn/gptq/awq/smoothquant-gptq/fp8")
+                                          f"caches go with method none and the llm-compressor methods")
         self._no_calibration_keys()
         return self
 
     @property
+    def format(self) -> BnbFormat:
+        return FORMATS[self.method]
+
+    @property
     def bits(self) -> int:
-        return 4 if self.method == "bnb-nf4" else 8
+        return self.format.bits
 
     def checkpoint_bytes(self, config, dtype_bytes: int) -> float:
         """NF4 stores a scale per block of 64 weights; LLM.int8 one per row."""
         from compress.planner import weight_bytes_estimate
 
-        return weight_bytes_estimate(config, self.bits, 64 if self.method == "bnb-nf4" else None,
+        return weight_bytes_estimate(config, self.bits, self.format.block,
                                      ignore_lm_head="lm_head" in self.ignore, embed_bytes=dtype_bytes)
 
     @property
-    def scheme(self) -> str:
-        if self.method == "bnb-nf4":
-            return f"NF4{'-dq' if self.double_quant else ''} (bitsandbytes)" + self._suffix()
-        return "LLM.int8 (bitsandbytes)" + self._suffix()
+    def label(self) -> str:
+        return f"{self.format.name}{'-dq' if self.double_quant else ''} (bitsandbytes)" + self._suffix()
 
     def build(self, job) -> dict:
         """Quantized as transformers loads the weights; saved before its first forward pass (see above)."""
@@ -92,16 +116,15 @@ class BnbVariant(VariantBase):
 
     def facts(self, dtype, env: dict) -> dict:
         """What the record and the model card say about the format."""
-        if self.method == "bnb-nf4":
-            return {"format": "NF4", "block_size": 64, "double_quant": bool(self.double_quant),
-                    "compute_dtype": self.compute_dtype or str(dtype).removeprefix("torch."),
-                    "skip_modules": self.ignore, "bitsandbytes": env.get("bitsandbytes")}
-        return {"format": "LLM.int8", "outlier_threshold": 6.0, "skip_modules": self.ignore,
+        options = {key: getattr(self, key) for key in self.format.options}
+        if "compute_dtype" in options:  # unset: the model's compute dtype
+            options["compute_dtype"] = options["compute_dtype"] or str(dtype).removeprefix("torch.")
+        return {"format": self.format.name, **self.format.facts, **options, "skip_modules": self.ignore,
                 "bitsandbytes": env.get("bitsandbytes")}
 
 
 def _compress_step(job, v: BnbVariant, model, tok, weights, cal):
-    log.info("stage compress: %s %s with bitsandbytes %s", v.name, v.scheme, version())
+    log.info("stage compress: %s %s with bitsandbytes %s", v.name, v.label, version())
     return load_quantized(weights or job.source.path, v, job.device, job.dtype), cal
 
 
@@ -130,15 +153,9 @@ def quantization_config(variant: BnbVariant, model_dtype):
     from transformers import BitsAndBytesConfig
 
     require()
-    skip = list(variant.ignore) or None
-    if variant.method == "bnb-nf4":
-        compute = getattr(torch, variant.compute_dtype) if variant.compute_dtype else model_dtype
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=bool(variant.double_quant),
-                                  bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
-    if variant.method == "bnb-int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise ValueError(f"variant {variant.name!r} is not a bitsandbytes method")
+    compute = getattr(torch, variant.compute_dtype) if variant.compute_dtype else model_dtype
+    return BitsAndBytesConfig(**variant.format.config(variant, compute),
+                              llm_int8_skip_modules=list(variant.ignore) or None)
 
 
 def load_quantized(folder: Path, variant: BnbVariant, device: str, dtype):
@@ -153,12 +170,12 @@ def load_quantized(folder: Path, variant: BnbVariant, device: str, dtype):
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
                                                      device_map=device)
     except Exception as e:
-        raise RuntimeError(f"bitsandbytes {version()} could not quantize to {variant.scheme} on {device}: "
+        raise RuntimeError(f"bitsandbytes {version()} could not quantize to {variant.label} on {device}: "
                            f"{type(e).__name__}: {e}") from e
     quantized = count_quantized_linears(model)
     if quantized == 0:
         raise RuntimeError(f"bitsandbytes {version()} left every Linear in full precision on {device}: "
-                           f"{variant.scheme} is not available here")
+                           f"{variant.label} is not available here")
     return model.eval()
 
 

@@ -54,7 +54,10 @@ class GGUFVariant(VariantBase):
 
     OFFLOADS: ClassVar[bool] = False  # llama.cpp's converter streams the weights from the files itself
     LIBRARY: ClassVar[str] = "llama_cpp_python"  # its version decides the file (part of the cache key)
-    REQUIRES: ClassVar[tuple[str, str]] = ("llama_cpp", "llama-cpp-python")  # import, pip package (optional)
+    # import, distribution, how to install it (optional)
+    REQUIRES: ClassVar[tuple[str, str, str]] = ("llama_cpp", "llama-cpp-python", "pip install -e '.[edge]'")
+
+    KEY_HINTS: ClassVar[dict[str, str]] = {"bits": "choose the llama.cpp type with gguf_type"}
 
     method: Literal["gguf"]
     gguf_type: str | None = None
@@ -64,7 +67,7 @@ class GGUFVariant(VariantBase):
     def _rules(self) -> "GGUFVariant":
         if self.kv_cache is not None:
             raise field_error("kv_cache", "method 'gguf' keeps its engine's own KV cache; quantized KV caches go "
-                                          "with methods none/rtn/gptq/awq/smoothquant-gptq/fp8")
+                                          "with method none and the llm-compressor methods")
         if self.gguf_type is None:
             raise field_error("gguf_type", f"method 'gguf' needs a llama.cpp file type, one of {list(GGUF_TYPE_BITS)}")
         if self.gguf_type.upper() not in GGUF_TYPE_BITS:
@@ -95,7 +98,7 @@ class GGUFVariant(VariantBase):
         return n * self.bits / 8 * 1.15 + (n * 2 if self.bits < 16 else 0)
 
     @property
-    def scheme(self) -> str:
+    def label(self) -> str:
         return f"GGUF {self.gguf_type}{' imatrix' if self.imatrix else ''}" + self._suffix()
 
     def build(self, job) -> dict:
@@ -129,7 +132,7 @@ def build(job, v: GGUFVariant) -> dict:
     staging = checkpoint.new_staging_dir(job.output, v.name)
     try:
         gguf_name = f"model-{v.gguf_type}.gguf"
-        log.info("stage compress: %s %s with llama.cpp (llama-cpp-python %s)", v.name, v.scheme, llamacpp.version())
+        log.info("stage compress: %s %s with llama.cpp (llama-cpp-python %s)", v.name, v.label, llamacpp.version())
         exported = llamacpp.export(weights_folder, staging / gguf_name, v.gguf_type, imatrix_fn=imatrix_fn,
                                    threads=available_cores(),
                                    tokenizer_from=Path(source.gguf) if source.gguf else None)
@@ -173,7 +176,7 @@ def build(job, v: GGUFVariant) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     log.info("stage variant-done: %s %s, %.1f MB tensors (%s), %.1f s compress, llama.cpp vs transformers KL %.3g",
-             v.name, v.scheme, summary["tensor_bytes"] / 1e6, gguf_file.types_text(summary), compress_seconds,
+             v.name, v.label, summary["tensor_bytes"] / 1e6, gguf_file.types_text(summary), compress_seconds,
              check["engines_kl_mean"])
     return record
 

@@ -1,19 +1,19 @@
 """Quantization through llm-compressor, the vLLM project's library. The only module that imports it.
 
-A variant becomes a list of llm-compressor modifiers and one `oneshot` call on calibration windows we tokenized
-ourselves. llm-compressor writes compressed-tensors checkpoints, the format `vllm serve` reads natively.
+A variant is two choices, both entries of the tables below: `method`, the algorithm that decides the weights
+(METHODS), and `scheme`, the format it writes (SCHEMES: a compressed-tensors preset, the format `vllm serve` reads
+natively), with an optional Hadamard rotation first (`rotate`, ROTATIONS). The variant becomes a list of
+llm-compressor modifiers and one `oneshot` call on calibration windows we tokenized ourselves.
 
-| method            | modifiers                                   | weights                   | activations          |
-|-------------------|---------------------------------------------|---------------------------|----------------------|
-| rtn               | QuantizationModifier (data-free)            | int4/int8, group or chan. | 16-bit               |
-| gptq              | GPTQModifier                                | int4/int8, group or chan. | 16-bit               |
-| awq               | AWQModifier + QuantizationModifier          | int4, group, asymmetric   | 16-bit               |
-| smoothquant-gptq  | SmoothQuantModifier + GPTQModifier          | int8 per channel          | int8 dynamic/token   |
-| fp8               | QuantizationModifier FP8_DYNAMIC (data-free)| fp8 e4m3 per channel      | fp8 dynamic/token    |
-| none + fp8 KV     | QuantizationModifier(kv_cache_scheme) only  | unchanged                 | 16-bit               |
+Everything that differs between methods or schemes is a field of their entry: which schemes a method can write,
+whether it reads calibration text and how much by default, which options it takes with their defaults, which
+optional package it needs, its modifiers; per scheme, its preset, bits, group, scales, whether its activation
+scales are calibrated, and which vLLM kernel family serves it on what hardware. Validation, the scheme's name, the
+size estimate, the cache key, the report and the model card read these entries; no other module compares a method
+or scheme name. Adding a method is one entry in METHODS (README: "How to add a method or an engine").
 
-Any method can add an fp8 KV cache (`kv_cache: {dtype: fp8}`): its modifier gets llm-compressor's `kv_cache_scheme`,
-which makes the run calibrated (the K/V scales are observed on the calibration windows).
+Any method can add an fp8 KV cache (`kv_cache: {dtype: fp8}`): its quantizing modifier gets llm-compressor's
+`kv_cache_scheme`, which makes the run calibrated (the K/V scales are observed on the calibration windows).
 
 auto-gptq and autoawq are not used: both are archived and neither imports with transformers 5.
 """
@@ -25,77 +25,341 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compress.options import VariantBase, field_error
 
 log = logging.getLogger("compress")
 
-# what each method can do: weight-only methods keep activations in 16 bits (A16); the two W8A8 methods also
-# quantize activations, dynamically per token, so they need 8-bit weights
-METHOD_BITS: dict[str, tuple[int, ...]] = {"rtn": (4, 8), "gptq": (4, 8), "awq": (4,), "smoothquant-gptq": (8,),
-                                           "fp8": (8,)}
-CALIBRATED_METHODS = ("gptq", "awq", "smoothquant-gptq")
-GROUPED_METHODS = ("rtn", "gptq", "awq")  # methods whose weights may be quantized in groups along the input dim
+
+class Scheme(NamedTuple):
+    """A format llm-compressor writes into a compressed-tensors checkpoint, and what serving it takes."""
+
+    preset: str  # the compressed-tensors preset it is built from (compressed_tensors.quantization.PRESET_SCHEMES)
+    weights: str  # what is stored, in words
+    activations: str  # what the weights are multiplied with, in words
+    bits: int  # bits of information per weight (the grid it is rounded to)
+    stored_bits: int  # bits each weight takes on disk, scales not counted
+    symmetric: bool  # False: a zero point beside every scale
+    group: int | None  # weights per scale, when the format fixes it; None: per output channel, or the recipe's
+    #                    group_size when `groupable`
+    groupable: bool  # integer weights: the recipe may set group_size (None: one scale per output channel)
+    scale_bits: float | None  # bits of each scale per row; None: the checkpoint's dtype (fp32 on a CPU, bf16 on a GPU)
+    calibrates: bool  # static activation scales, observed on calibration text
+    vllm: str  # REFERENCE, read from vLLM 0.32's source, not measured here: the kernel family and the hardware it needs
+    # the compute dtype the model must be in to build it and reload it; None: any. compressed-tensors 0.19
+    # decompresses fp4 weights to bf16, so an fp32 model reloads them as bf16 weights beside fp32 activations and
+    # every Linear raises "expected m1 and m2 to have the same dtype" (measured on the tests' tiny Llama)
+    model_dtype: str | None = None
+
+    def bits_per_weight(self, group_size: int | None, dtype_bits: int) -> float:
+        """Stored bits per weight including its share of scales and zero points (zero points are packed at the
+        weight's width). Per-channel and per-tensor scales are one number per row or matrix: counted as 0."""
+        group = group_size or self.group
+        if group is None:
+            return float(self.stored_bits)
+        per_group = (self.scale_bits or dtype_bits) + (0 if self.symmetric else self.stored_bits)
+        return self.stored_bits + per_group / group
+
+
+# REFERENCE, not measured: read from vLLM 0.32.0's source (compressed_tensors.py `_get_scheme_from_parts`, each
+# scheme's get_min_capability, the kernel choosers in model_executor/kernels/linear/; file and line per scheme in
+# benchmarks/results/vllm_scheme_kernels.md). Compute capability: 75 Turing, 80 Ampere, 89 Ada, 90 Hopper,
+# 100 Blackwell. On vLLM's CPU build every capability check passes (the platform reports none), so the CPU column
+# is what its kernel choosers accept.
+_WNA16 = "GPU: Machete (sm90), Marlin (sm75+), Conch, Exllama; CPU: CPUWNA16 (x86 AVX2/AVX512; AMX bf16 path)"
+SCHEMES: dict[str, Scheme] = {
+    "W4A16": Scheme("W4A16", "int4 symmetric", "16-bit", 4, 4, True, None, True, None, False, _WNA16),
+    "W4A16-asym": Scheme("W4A16_ASYM", "int4 with zero points", "16-bit", 4, 4, False, None, True, None, False,
+                         _WNA16),
+    "W8A16": Scheme("W8A16", "int8 symmetric", "16-bit", 8, 8, True, None, True, None, False,
+                    "GPU: Machete, Marlin (sm75+), Conch, Exllama; CPU: none (CPUWNA16 takes uint4/uint4b8 only)"),
+    "W8A16-asym": Scheme("W8A16", "int8 with zero points", "16-bit", 8, 8, False, None, True, None, False,
+                         "GPU: Machete, Marlin (sm75+), Conch; CPU: none (CPUWNA16 takes uint4/uint4b8 only)"),
+    "W8A8-INT8": Scheme("W8A8", "int8 per output channel", "int8 dynamic per token", 8, 8, True, None, False, None,
+                        False, "GPU: CUTLASS int8 scaled_mm (sm75+); CPU: CPUInt8ScaledMM (AMX, else oneDNN)"),
+    # an integer-weight scheme that also quantizes activations is saved int-quantized: one int4 per int8 byte
+    "W4A8-INT": Scheme("W4A8", "int4 symmetric (stored one per byte)", "int8 dynamic per token", 4, 8, True, None,
+                       True, None, False, "GPU: Humming only (unverified); CPU: Dynamic4bitLinear "
+                                          "(torch _dyn_quant_matmul_4bit; KleidiAI on Arm)"),
+    "W4AFP8": Scheme("W4AFP8", "int4 symmetric (stored one per byte)", "fp8 e4m3 dynamic per token", 4, 8, True,
+                     None, True, None, False, "GPU: CUTLASS W4A8 (exactly sm90, group 128); CPU: none"),
+    "FP8-dynamic": Scheme("FP8_DYNAMIC", "fp8 e4m3 per output channel", "fp8 e4m3 dynamic per token", 8, 8, True,
+                          None, False, None, False, "GPU: CUTLASS/FlashInfer (sm89+), Marlin W8A16 (sm75+); "
+                                                    "CPU: torch._scaled_mm (AMX-FP8 kernel on Diamond Rapids only)"),
+    "FP8-static": Scheme("FP8", "fp8 e4m3 per tensor", "fp8 e4m3 static per tensor", 8, 8, True, None, False, None,
+                         True, "GPU: CUTLASS/FlashInfer (sm89+), Marlin W8A16 (sm75+); CPU: CPUFp8PerTensor "
+                               "(AMX tiles, bf16 activations), else torch._scaled_mm"),
+    "FP8-block": Scheme("FP8_BLOCK", "fp8 e4m3, one scale per 128x128 block", "fp8 e4m3 dynamic per 128 channels",
+                        # one fp32 scale per 128 x 128 block: per row, 32 / 128 bits for each 128 inputs
+                        8, 8, True, 128, False, 0.25, False, "GPU: DeepGEMM/CUTLASS block (sm90+), Triton; "
+                                                          "CPU: CPUFp8BlockScaledMM (AMX tiles only)"),
+    "NVFP4": Scheme("NVFP4", "fp4 e2m1, fp8 scale per 16", "fp4 e2m1, fp8 scale per 16 (global scale calibrated)",
+                    4, 4, True, 16, False, 8, True, "GPU: CUTLASS/FlashInfer FP4 (sm100+), Marlin weight-only "
+                                                    "fallback (sm75+); CPU: none", "bfloat16"),
+    "NVFP4A16": Scheme("NVFP4A16", "fp4 e2m1, fp8 scale per 16", "16-bit", 4, 4, True, 16, False, 8, False,
+                       "GPU: Marlin FP4 (sm75+), FlashInfer CuteDSL (sm100); CPU: none", "bfloat16"),
+    "MXFP4": Scheme("MXFP4", "fp4 e2m1, e8m0 scale per 32", "fp4 e2m1, e8m0 scale per 32 (dynamic)", 4, 4, True, 32,
+                    False, 8, False, "GPU: FlashInfer (sm100), Marlin weight-only (sm80+); CPU: none", "bfloat16"),
+    "MXFP4A16": Scheme("MXFP4A16", "fp4 e2m1, e8m0 scale per 32", "16-bit", 4, 4, True, 32, False, 8, False,
+                       "GPU: Marlin FP4 (sm80+), FlashInfer (sm100); CPU: none", "bfloat16"),
+}
+
+
+class Method(NamedTuple):
+    """An algorithm that decides the weights of a scheme, as llm-compressor modifiers."""
+
+    schemes: tuple[str, ...]  # what it can write; the first is its default
+    # the schemes it wrote before `scheme` was a recipe key: their cache key says them with bits and symmetric (and
+    # `fp8` as the method's name), as it did then, so those checkpoints keep their keys
+    first_schemes: tuple[str, ...]
+    calibrates: bool  # reads calibration text
+    options: dict[str, Any]  # the variant fields it takes -> default (None: the library's own default)
+    modifiers: Callable  # (lib, variant, quantizing modifier's kwargs, model dtype) -> llm-compressor modifiers
+    shape: tuple[int, int] | None = None  # default calibration (samples, seq_len) when the recipe sets none
+    # an optional package it needs: (import name, distribution, pip install line); its version enters the cache key
+    package: tuple[str, str, str] | None = None
+    what: str = ""  # one line for the README and the model card
+
+
+def _given(v, *names) -> dict:
+    return {n: getattr(v, n) for n in names if getattr(v, n) is not None}
+
+
+def _rtn(lib, v, q: dict, dtype=None) -> list:
+    return [lib.quantization.QuantizationModifier(**q)]
+
+
+def _gptq(lib, v, q: dict, dtype=None) -> list:
+    return [lib.gptq.GPTQModifier(**q, **_given(v, "dampening_frac"))]
+
+
+def _awq(lib, v, q: dict, dtype=None) -> list:
+    return [lib.transform.AWQModifier(duo_scaling=True), lib.quantization.QuantizationModifier(**q)]
+
+
+def _smoothquant_gptq(lib, v, q: dict, dtype=None) -> list:
+    return [lib.transform.SmoothQuantModifier(smoothing_strength=v.smoothing_strength), *_gptq(lib, v, q, dtype)]
+
+
+def _autoround(lib, v, q: dict, dtype=None) -> list:
+    import torch
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    class InModelDtype(AutoRoundModifier):
+        """AutoRound tunes an fp32 model in fp32. llm-compressor 0.14 leaves auto-round's `amp` on, and on a CPU
+        with bf16 support auto-round 0.15.1 then casts each decoder layer to bf16 while llm-compressor feeds it the
+        fp32 model's activations: "expected m1 and m2 to have the same dtype" on the tests' fp32 model. A bf16
+        model needs `amp` on (with it off the same error comes the other way round). The hook is the last thing
+        llm-compressor calls with the AutoRound arguments before it builds the tuner."""
+
+        def _update_device_map_for_dp(self, kwargs):
+            kwargs["amp"] = dtype != torch.float32
+            return super()._update_device_map_for_dp(kwargs)
+
+    # torch.compile of the tuning loop costs more than it saves on a CPU and on a model this small
+    return [InModelDtype(**q, iters=v.iters, enable_torch_compile=False, **_given(v, "lr"))]
+
+
+_INT_W16 = ("W4A16", "W4A16-asym", "W8A16", "W8A16-asym")
+METHODS: dict[str, Method] = {
+    "rtn": Method(tuple(SCHEMES), _INT_W16 + ("FP8-dynamic",), False, {}, _rtn,
+                  what="round to nearest, data-free (static activation scales, if the scheme has them, are observed)"),
+    "gptq": Method(_INT_W16 + ("W8A8-INT8", "W4A8-INT", "W4AFP8"), _INT_W16, True, {"dampening_frac": None}, _gptq,
+                   what="GPTQ: column by column, each rounding error spread over the columns not yet rounded"),
+    "awq": Method(("W4A16-asym", "W4A16"), ("W4A16-asym", "W4A16"), True, {}, _awq,
+                  # AWQ's grid search costs ~28 ms per calibration token here (see Calibration.shape_for)
+                  shape=(16, 256), what="AWQ: per-channel scales searched on activations, then round to nearest"),
+    "smoothquant-gptq": Method(("W8A8-INT8", "W4A8-INT"), ("W8A8-INT8",), True,
+                               {"smoothing_strength": 0.8, "dampening_frac": None}, _smoothquant_gptq,
+                               what="SmoothQuant moves activation outliers into the weights, then GPTQ"),
+    "autoround": Method(("W4A16", "W4A16-asym", "W8A16"), (), True, {"iters": 200, "lr": None}, _autoround,
+                        package=("auto_round", "auto-round", "pip install auto-round==0.15.1"),
+                        what="AutoRound: rounding offsets and clipping tuned by signed gradient descent per block"),
+}
+# a first-format method name that is another method writing a given scheme
+ALIASES: dict[str, tuple[str, str]] = {"fp8": ("rtn", "FP8-dynamic")}
+# Hadamard rotations applied before quantization (llm-compressor's transforms): they spread activation outliers over
+# channels. SpinQuant's R1/R2 rotate the residual stream and each head's values and are fused into the neighbouring
+# weights, so the checkpoint is an ordinary one. QuIP is not offered: its input rotation stays an online transform
+# (`transform_config`) that transformers 5.17 does not apply when it reloads the checkpoint (self-check on the tests'
+# tiny Llama: 3.7 logits apart), so the checkpoint would not load unchanged
+ROTATIONS: dict[str, Callable] = {
+    "spinquant": lambda lib, v: lib.transform.SpinQuantModifier(transform_type="hadamard"),
+}
+# the method options every first-format variant hashed as null when unset; they keep that (see key_fields)
+_FIRST_OPTIONS = ("smoothing_strength", "dampening_frac")
+
+
+def scheme_table() -> list[dict]:
+    """The formats table, as the README and `compress formats` print it: per scheme, its preset, bits per weight
+    (g64 where the group is the recipe's, bf16 scales), which methods write it and what serves it."""
+    return [{"scheme": name, "preset": s.preset, "weights": s.weights, "activations": s.activations,
+             "bits_per_weight": round(s.bits_per_weight(64 if s.groupable else None, 16), 3),
+             "calibrated": s.calibrates, "methods": [m for m, e in METHODS.items() if name in e.schemes],
+             "vllm_reference": s.vllm} for name, s in SCHEMES.items()]
 
 
 class LLMCompressorVariant(VariantBase):
-    """rtn / gptq / awq / smoothquant-gptq / fp8: integer or fp8 weights in a compressed-tensors checkpoint."""
+    """A method of METHODS writing a scheme of SCHEMES into a compressed-tensors checkpoint.
 
-    method: Literal["rtn", "gptq", "awq", "smoothquant-gptq", "fp8"]
+    `bits` and `symmetric` are the first recipe format's way to choose a scheme (`method: gptq, bits: 8` is
+    W8A16); they must agree with `scheme` when both are given, and are set from it after validation."""
+
+    method: str
+    scheme: str | None = None
+    rotate: Literal["spinquant"] | None = None
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None
     smoothing_strength: float | None = Field(None, gt=0, lt=1)
     dampening_frac: float | None = Field(None, gt=0, lt=1)
+    iters: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+
+    _defaulted: set[str] = PrivateAttr(default_factory=set)  # options the recipe left to the method's defaults
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        return (*METHODS, *ALIASES)
+
+    @classmethod
+    def methods_taking(cls, key: str) -> list[str]:
+        if key in {o for m in METHODS.values() for o in m.options}:  # a method's own option
+            return [n for n, m in METHODS.items() if key in m.options]
+        return super().methods_taking(key)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in cls.methods():
+            raise ValueError(f"expected one of {list(cls.methods())}, got {method!r}")
+        return method
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias(cls, data):
+        """`method: fp8` is rtn writing FP8-dynamic (the first format's name for it)."""
+        if isinstance(data, dict) and data.get("method") in ALIASES:
+            method, scheme = ALIASES[data["method"]]
+            if data.get("scheme") not in (None, scheme):
+                raise field_error("scheme", f"method {data['method']!r} writes {scheme}; for another scheme use "
+                                            f"method {method!r} with that scheme")
+            data = {**data, "method": method, "scheme": scheme}
+        return data
 
     @model_validator(mode="after")
     def _method_rules(self) -> "LLMCompressorVariant":
-        allowed = METHOD_BITS[self.method]
-        if self.bits is None:
-            self.bits = allowed[0]
-        elif self.bits not in allowed:
-            raise field_error("bits", f"method {self.method!r} supports bits in {list(allowed)}, got {self.bits}")
+        entry = METHODS[self.method]
+        if self.scheme is None:  # the first format: bits and symmetric choose among the method's schemes
+            fits = [s for s in entry.schemes if (self.bits is None or SCHEMES[s].bits == self.bits) and
+                    (self.symmetric is None or SCHEMES[s].symmetric == self.symmetric)]
+            if not fits:
+                bits = {SCHEMES[s].bits for s in entry.schemes}
+                field = "bits" if self.bits is not None and self.bits not in bits else "symmetric"
+                raise field_error(field, f"method {self.method!r} writes no scheme with bits={self.bits}, "
+                                         f"symmetric={self.symmetric}; it writes {list(entry.schemes)}")
+            self.scheme = fits[0]
+        elif self.scheme not in entry.schemes:
+            known = "" if self.scheme in SCHEMES else f" (schemes: {list(SCHEMES)})"
+            raise field_error("scheme", f"method {self.method!r} cannot write {self.scheme!r}; it writes "
+                                        f"{list(entry.schemes)}{known}")
+        s = SCHEMES[self.scheme]
+        for field, value in (("bits", s.bits), ("symmetric", s.symmetric)):
+            if getattr(self, field) not in (None, value):
+                raise field_error(field, f"scheme {self.scheme!r} has {field}={value}, got {getattr(self, field)}")
+        self.bits, self.symmetric = s.bits, s.symmetric
         if self.group_size is not None:
-            if self.method not in GROUPED_METHODS:
-                raise field_error("group_size", f"method {self.method!r} quantizes weights per channel; "
-                                                f"remove group_size (got {self.group_size})")
+            if not s.groupable:
+                how = f"in groups of {s.group} fixed by the format" if s.group else "per output channel"
+                raise field_error("group_size", f"scheme {self.scheme!r} quantizes weights {how}; remove "
+                                                f"group_size (got {self.group_size})")
             if self.group_size <= 0 or self.group_size & (self.group_size - 1):
                 raise field_error("group_size", f"expected a power of two such as 32, 64 or 128, "
                                                 f"got {self.group_size}")
-        if self.symmetric is None:
-            self.symmetric = self.method != "awq"  # AWQ's scales pair with zero points (llm-compressor W4A16_ASYM)
-        elif not self.symmetric and self.method in ("smoothquant-gptq", "fp8"):
-            raise field_error("symmetric", f"method {self.method!r} needs symmetric weights (vLLM's W8A8 kernels)")
-        if self.smoothing_strength is not None and self.method != "smoothquant-gptq":
-            raise field_error("smoothing_strength", "only method 'smoothquant-gptq' takes smoothing_strength")
-        if self.dampening_frac is not None and self.method not in ("gptq", "smoothquant-gptq"):
-            raise field_error("dampening_frac", "only the GPTQ methods take dampening_frac")
+        options = {o for m in METHODS.values() for o in m.options}
+        for option in sorted(options):
+            if option not in entry.options:
+                if getattr(self, option) is not None:
+                    takers = [n for n, m in METHODS.items() if option in m.options]
+                    raise field_error(option, f"method {self.method!r} does not take {option}; only method"
+                                              f"{'s' if len(takers) > 1 else ''} {', '.join(map(repr, takers))} do")
+            elif getattr(self, option) is None:
+                setattr(self, option, entry.options[option])
+                self._defaulted.add(option)
         self._no_calibration_keys()
         return self
 
     @property
+    def requires_dtype(self) -> str | None:
+        """The compute dtype the model must be in to build and reload this scheme (checked before any work)."""
+        return self.format.model_dtype
+
+    @property
+    def entry(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def format(self) -> Scheme:
+        return SCHEMES[self.scheme]
+
+    @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS or super().calibrated
+        return self.entry.calibrates or self.format.calibrates or super().calibrated
 
     @property
     def uses_llmcompressor(self) -> bool:
         return True
 
+    @property
+    def REQUIRES(self) -> tuple[str, str, str] | None:  # noqa: N802 - the name compress.checks reads on every class
+        return self.entry.package
+
+    @property
+    def LIBRARY(self) -> str | None:  # noqa: N802 - the version compress.keys adds to the cache key (environment's key)
+        return self.entry.package and self.entry.package[0]
+
     def calibration_extras(self) -> dict:
         return {"pipeline": PIPELINE}
 
+    def default_calibration_shape(self) -> tuple[int, int] | None:
+        return self.entry.shape
+
+    def weight_format(self) -> tuple[int, int | None]:
+        return self.format.stored_bits, self.group_size or self.format.group
+
+    def key_fields(self) -> dict:
+        """The first format's shape where it could say the variant: a first scheme is keyed by bits and symmetric
+        (`fp8` by its old method name), and its unset first options as null; anything else adds `scheme`."""
+        out = super().key_fields()
+        alias = next((a for a, pair in ALIASES.items() if pair == (self.method, self.scheme)), None)
+        if self.scheme in self.entry.first_schemes:
+            del out["scheme"]
+            out["method"] = alias or self.method
+            for option in _FIRST_OPTIONS:
+                if option in self._defaulted:
+                    out[option] = None
+        return out
+
     @property
-    def scheme(self) -> str:
-        """The scheme's conventional name, as vLLM and llm-compressor docs call it."""
-        if self.method == "fp8":
-            return "FP8-dynamic" + self._suffix()
-        if self.method == "smoothquant-gptq":
-            return "W8A8-INT8" + self._suffix()
-        group = f"-g{self.group_size}" if self.group_size else "-channel"
-        return f"W{self.bits}A16{group}{'' if self.symmetric else '-asym'}" + self._suffix()
+    def label(self) -> str:
+        """The scheme's conventional name, as vLLM and llm-compressor docs call it, with its group and rotation."""
+        name = self.scheme
+        if self.format.groupable:  # W4A16-g64, W4A16-channel-asym
+            group = f"-g{self.group_size}" if self.group_size else "-channel"
+            name = name.replace("-asym", "") + group + ("" if self.format.symmetric else "-asym")
+        rotation = f" ({self.rotate} rotation)" if self.rotate else ""
+        return name + rotation + self._suffix()
+
+    def facts(self, dtype_bits: int) -> dict:
+        """What the record, the report and the model card say about the format (from the tables)."""
+        s = self.format
+        return {"scheme": self.scheme, "preset": s.preset, "weights": s.weights, "activations": s.activations,
+                "bits_per_weight": round(s.bits_per_weight(self.group_size, dtype_bits), 4),
+                "group": self.group_size or s.group, "rotate": self.rotate, "method": self.entry.what,
+                "vllm_reference": s.vllm}
 
     def build(self, job) -> dict:
         return build(job, self)
@@ -105,8 +369,10 @@ def build(job, v: VariantBase) -> dict:
     """A compressed-tensors checkpoint of `v` (also a `none` variant whose only change is an fp8 KV cache)."""
     from compress.build import transformers_checkpoint
 
+    extra = {"format": v.facts(job.dtype.itemsize * 8)} if isinstance(v, LLMCompressorVariant) else None
     try:
-        return transformers_checkpoint(job, v, _compress_step, quantized=True, after_save=release_session)
+        return transformers_checkpoint(job, v, _compress_step, quantized=True, after_save=release_session,
+                                       extra=extra)
     finally:  # also when the variant failed: its model must not live on into the next one
         release_session()
 
@@ -115,14 +381,17 @@ def _compress_step(job, v: VariantBase, model, tok, weights, cal):
     batch = None
     if cal is not None:
         batch, cal = job.calibration_windows(cal, tok)
-    log.info("stage compress: %s %s with llm-compressor", v.name, v.scheme)
+    log.info("stage compress: %s %s with llm-compressor", v.name, v.label)
     compress_model(model, v, batch)  # layer by layer, which is what lets an offloaded model calibrate
     return model, cal
 
 
 def _lib():
     """llm-compressor and compressed-tensors, imported on first use (seconds of import time that a recipe check,
-    a plan or a report never pay)."""
+    a plan or a report never pay): a namespace with `oneshot`, `ct` (compressed_tensors.quantization) and the
+    modifier packages `gptq`, `quantization`, `transform`."""
+    from types import SimpleNamespace
+
     try:
         # llm-compressor's logger writes to whatever sys.stdout is when it is imported, and it logs during import;
         # stdout is where `compress plan` prints its JSON, so let it bind to stderr instead.
@@ -135,28 +404,22 @@ def _lib():
     except ImportError as e:  # pragma: no cover - exercised only on a broken install
         raise ImportError(f"compress needs llm-compressor for quantization ({e}); install it with "
                           f"`pip install -e .`") from e
-    return llmcompressor, ct, gptq, quantization, transform
+    return SimpleNamespace(oneshot=llmcompressor.oneshot, ct=ct, gptq=gptq, quantization=quantization,
+                           transform=transform)
 
 
-def weight_scheme(variant: VariantBase):
-    """The compressed-tensors scheme for one variant: what vLLM will read from config.json."""
-    _, ct, _, _, _ = _lib()
-    if variant.method == "fp8":
-        from compressed_tensors.quantization import preset_name_to_scheme
-
-        return preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
-    if variant.method == "smoothquant-gptq":
-        from compressed_tensors.quantization import preset_name_to_scheme
-
-        return preset_name_to_scheme("W8A8", ["Linear"])
-    weights = ct.QuantizationArgs(
-        num_bits=variant.bits,
-        type="int",
-        symmetric=variant.symmetric,
-        strategy="group" if variant.group_size else "channel",
-        group_size=variant.group_size,
-    )
-    return ct.QuantizationScheme(targets=["Linear"], weights=weights)
+def weight_scheme(variant: LLMCompressorVariant):
+    """The compressed-tensors scheme for one variant: what vLLM will read from config.json. The scheme's preset,
+    with integer weights at the recipe's group size (or per output channel) and symmetry."""
+    ct = _lib().ct
+    s = variant.format
+    preset = ct.preset_name_to_scheme(s.preset, ["Linear"])
+    if not s.groupable:
+        return preset
+    weights = ct.QuantizationArgs(num_bits=s.bits, type="int", symmetric=s.symmetric,
+                                  strategy="group" if variant.group_size else "channel", group_size=variant.group_size)
+    extra = {"input_activations": preset.input_activations} if preset.input_activations else {}
+    return ct.QuantizationScheme(targets=["Linear"], weights=weights, **extra)
 
 
 def kv_cache_scheme(variant: VariantBase):
@@ -167,32 +430,26 @@ def kv_cache_scheme(variant: VariantBase):
     if not variant.kv_in_checkpoint:
         return None
     strategy = {"tensor": "tensor", "head": "attn_head"}[variant.kv_cache.granularity]
-    return _lib()[1].QuantizationArgs(num_bits=8, type="float", strategy=strategy, dynamic=False, symmetric=True)
+    return _lib().ct.QuantizationArgs(num_bits=8, type="float", strategy=strategy, dynamic=False, symmetric=True)
 
 
-def build_modifiers(variant: VariantBase) -> list:
-    """The llm-compressor recipe for a variant, as modifier objects (also saved as recipe.yaml in the checkpoint)."""
-    _, _, gptq, quantization, transform = _lib()
-    QuantizationModifier, GPTQModifier = quantization.QuantizationModifier, gptq.GPTQModifier
-    ignore = list(variant.ignore)
-    kv = {"kv_cache_scheme": scheme} if (scheme := kv_cache_scheme(variant)) else {}
-    if variant.method == "none":
-        if not kv:
+def build_modifiers(variant: VariantBase, dtype=None) -> list:
+    """The llm-compressor recipe for a variant, as modifier objects (also saved as recipe.yaml in the checkpoint):
+    the rotation, if any, then its method's modifiers, the quantizing one with the scheme, the ignore list and the
+    fp8 KV scheme. A variant of another backend whose only llm-compressor part is an fp8 KV cache gets that alone."""
+    lib = _lib()
+    q = {"ignore": list(variant.ignore)}
+    if scheme := kv_cache_scheme(variant):
+        q["kv_cache_scheme"] = scheme
+    if not isinstance(variant, LLMCompressorVariant):
+        if "kv_cache_scheme" not in q:
             raise ValueError(f"variant {variant.name!r} changes nothing llm-compressor writes")
-        return [QuantizationModifier(ignore=ignore, **kv)]
-    groups = {"group_0": weight_scheme(variant)}
-    if variant.method in ("rtn", "fp8"):
-        return [QuantizationModifier(config_groups=groups, ignore=ignore, **kv)]
-    gptq_kwargs = {"dampening_frac": variant.dampening_frac} if variant.dampening_frac else {}
-    if variant.method == "gptq":
-        return [GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs, **kv)]
-    if variant.method == "awq":
-        return [transform.AWQModifier(duo_scaling=True),
-                QuantizationModifier(config_groups=groups, ignore=ignore, **kv)]
-    if variant.method == "smoothquant-gptq":
-        return [transform.SmoothQuantModifier(smoothing_strength=variant.smoothing_strength or 0.8),
-                GPTQModifier(config_groups=groups, ignore=ignore, **gptq_kwargs, **kv)]
-    raise ValueError(f"no modifiers for method {variant.method!r}")
+        return [lib.quantization.QuantizationModifier(**q)]
+    rotation = []
+    if variant.rotate:  # Hadamard transforms fused into the weights (and the online ones applied by vLLM)
+        rotation = [ROTATIONS[variant.rotate](lib, variant)]
+    q["config_groups"] = {"group_0": weight_scheme(variant)}
+    return rotation + variant.entry.modifiers(lib, variant, q, dtype)
 
 
 PIPELINE = "sequential"  # the llm-compressor calibration pipeline every calibrated method runs under: see below
@@ -214,8 +471,8 @@ def compress_model(model, variant: VariantBase, windows: list[list[int]] | None,
     W4A16 on 64 x 512 tokens took 189 s at batch 1, 223 s at 16 and 262 s at 64 (2-core AMD EPYC, fp32), and a
     batched forward pass of the decoder alone was no faster either (62 / 66 / 70 s).
     """
-    modifiers = build_modifiers(variant)
-    oneshot = _lib()[0].oneshot
+    modifiers = build_modifiers(variant, model.dtype)
+    oneshot = _lib().oneshot
     if windows is None:
         oneshot(model=model, recipe=modifiers, pipeline="datafree")
         return

@@ -8,7 +8,7 @@ student.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
@@ -17,12 +17,21 @@ from compress.backends.llmcompressor import PIPELINE
 from compress.options import VariantBase, field_error
 
 
+REFERENCE = "baseline"  # the method of the reference row every table compares against
+
+
 class UnchangedVariant(VariantBase):
+    KEY_HINTS: ClassVar[dict[str, str]] = {"*": "it takes no weight quantization settings"}
+
     method: Literal["baseline", "none"]
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method == REFERENCE
 
     @model_validator(mode="after")
     def _rules(self) -> "UnchangedVariant":
-        if self.method == "baseline":
+        if self.is_reference:
             extra = [k for k in ("kv_cache", "distill") if getattr(self, k) is not None]
             if extra:
                 raise ValueError(f"method 'baseline' takes no weight quantization settings, remove {extra} (for the "
@@ -35,7 +44,7 @@ class UnchangedVariant(VariantBase):
         return self
 
     @property
-    def scheme(self) -> str:
+    def label(self) -> str:
         return "unquantized" + self._suffix()
 
     def calibration_extras(self) -> dict:

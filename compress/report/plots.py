@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from compress.backends.unchanged import REFERENCE
 from compress.report.rows import MB, _get, task_names
 
 PALETTE = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7",
@@ -153,7 +154,7 @@ def recovery(rows: list[dict], variants: list[dict], palette: dict) -> Plot:
     groups = task_names(variants) + ["average"]
     bars = []
     for r in rows:
-        if r["status"] != "ok" or r["method"] == "baseline":
+        if r["status"] != "ok" or r["method"] == REFERENCE:
             continue
         for g in groups:
             pct = _get(recs.get(r["name"]), "recovery", g, "pct")
@@ -162,7 +163,7 @@ def recovery(rows: list[dict], variants: list[dict], palette: dict) -> Plot:
                 ci = f" [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
                 bars.append(Bar(r["name"], g, pct, lo, hi, f"{r['name']}, {g}: {pct:.1f}%{ci}"))
     names = {b.name for b in bars}
-    notes = (_skipped([r for r in rows if r["method"] != "baseline"], names, "failed, or no recovery figures")
+    notes = (_skipped([r for r in rows if r["method"] != REFERENCE], names, "failed, or no recovery figures")
              if bars else ["No variant has recovery figures: nothing to plot."])
     return Plot("bars", "Accuracy recovery vs baseline, per task", "task (bars start at the baseline's 100%)",
                 "recovery (% of baseline score)", bars, palette, notes,

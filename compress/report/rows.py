@@ -8,6 +8,7 @@ the tables.
 
 from __future__ import annotations
 
+from compress.backends.unchanged import REFERENCE
 from compress.record import known_path
 from typing import Callable
 
@@ -46,7 +47,7 @@ def baselines(variants: list[dict]) -> dict:
     against its own baseline, on its own hardware."""
     out = {}
     for rec in variants:
-        if rec.get("method") == "baseline" and rec.get("status", "ok") == "ok":
+        if rec.get("method") == REFERENCE and rec.get("status", "ok") == "ok":
             out.setdefault(rec.get("run"), rec)
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from compress.recipe import CALIBRATED_METHODS
+from compress.backends.unchanged import REFERENCE
 from compress.report.rows import CONTENDED, DASH, MB, _fmt, _get, _pm, baselines, engine_text
 
 # What the edge recipes aim for on a CPU: a 4-bit GGUF file that decodes at least this much faster than the fp32
@@ -36,22 +36,22 @@ def _quality(r: dict) -> list[str]:
 
 
 def calibration_warnings(variants: list[dict]) -> list[str]:
-    """Flag every calibrated variant that came out worse than round-to-nearest of the same weight format (bits,
-    group size, symmetric or with zero points, KV cache), when the run has one.
+    """Flag every calibrated variant that came out worse than a variant of the same scheme (the same label: format,
+    group size, zero points, rotation, KV cache) built without calibration text, when the run has one.
 
     GPTQ/AWQ spend minutes on calibration to beat plain rounding; when they do not, the usual cause is the
     calibration text (off-domain for what is evaluated, or too few tokens), which the model card names. Compared on
     perplexity and KL to the baseline, the two figures measured on identical tokens for every variant.
     """
     def fmt(r: dict) -> tuple:
-        return r.get("bits"), r.get("group_size"), r.get("symmetric"), r.get("kv_cache"), r.get("run")
+        return r.get("scheme"), r.get("run")
 
+    ok = [r for r in variants if r.get("status") == "ok"]
     out = []
-    for v in variants:
-        if v.get("status") != "ok" or v.get("method") not in CALIBRATED_METHODS:
+    for v in ok:
+        if not v.get("calibration"):
             continue
-        peers = [r for r in variants if r.get("status") == "ok" and r.get("method") == "rtn" and fmt(r) == fmt(v)]
-        for rtn in peers:
+        for rtn in [r for r in ok if not r.get("calibration") and r.get("method") != REFERENCE and fmt(r) == fmt(v)]:
             worse = [f"{label} {_get(v, *key):.4g} vs {_get(rtn, *key):.4g}"
                      for label, key in (("perplexity", ("perplexity", "value")), ("KL", ("kl", "mean")))
                      if _get(v, *key) is not None and _get(rtn, *key) is not None and _get(v, *key) > _get(rtn, *key)]
@@ -127,7 +127,7 @@ def distill_table(variants: list[dict]) -> Table | None:
     students = [r for r in _ok(variants) if r.get("distill")]
     if not students:
         return None
-    teacher = next((r for r in variants if r.get("method") == "baseline" and r.get("run") == students[0].get("run")),
+    teacher = next((r for r in variants if r.get("method") == REFERENCE and r.get("run") == students[0].get("run")),
                    None)
     headers = ["variant", "layers", "dropped layers (chosen by)", "steps", "tokens trained (epochs)", "train time (s)",
                "KD loss first → last", "size (MB)", "perplexity", "KL vs teacher", "tok/s (batch 1)"]
@@ -173,7 +173,7 @@ def speed_summary(variants: list[dict]) -> list[str]:
         ratio = _get(r, "speed_ratio", "ratio")
         if ratio is None or base is None or r is base:
             continue
-        if r.get("method") == "gguf" and r.get("bits") == 4 and (best is None or ratio > best[1]):
+        if r.get("gguf") and r.get("bits") == 4 and (best is None or ratio > best[1]):
             best = (r, ratio, base)
     if not best:
         return []
@@ -264,7 +264,10 @@ def vllm_table(variants: list[dict]) -> Table | None:
         if v["status"] != "ok":
             what = ("served, not measured" if v["status"] == "too slow" else
                     "not measured" if v.get("runtime") else f"not served ({v['status']})")
-            rows.append([label, f"{what}: {v.get('reason') or DASH}"] + [DASH] * 7)
+            # where the format does run, from the formats table (a reference read from vLLM's source)
+            ref = (r.get("format") or {}).get("vllm_reference")
+            rows.append([label, f"{what}: {v.get('reason') or DASH}",
+                         f"reference, not measured: {ref}" if ref else DASH] + [DASH] * 6)
             continue
         d = v.get("decode") or {}
         decode = (f"{d['tok_per_sec']:.1f} ({100 * d['utilisation']:.0f}% of {d['bound_tok_per_sec']:.0f})"

@@ -95,7 +95,9 @@ class RuntimePath:
 
     def applies(self, quantization: dict | None) -> bool:
         """Whether a checkpoint's quantization_config is one this path changes."""
-        return self.applies_to == "int4 weight-only" and declared_weight_bits(quantization) == 4 \
+        groups = (quantization or {}).get("config_groups") or {}
+        integer = all((g.get("weights") or {}).get("type") == "int" for g in groups.values())  # not NVFP4A16's fp4
+        return self.applies_to == "int4 weight-only" and declared_weight_bits(quantization) == 4 and integer \
             and declared_activations(quantization) is None
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress.recipe import InputError, load_recipe
+from compress.recipe import InputError, load_recipe, parse_variant
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     recipe = load_recipe(_write(tmp_path, _base()))
     assert [v.name for v in recipe.variants] == ["baseline", "gptq"]
     gptq = recipe.variants[1]
-    assert gptq.symmetric is True and gptq.ignore == ["lm_head"] and gptq.scheme == "W4A16-g64"
+    assert gptq.symmetric is True and gptq.ignore == ["lm_head"] and gptq.label == "W4A16-g64" and gptq.scheme == "W4A16"
     awq = load_recipe(_write(tmp_path, _base(variants=[{"name": "a", "method": "awq", "group_size": 64}])))
     assert awq.variants[1].bits == 4 and awq.variants[1].symmetric is False
 
@@ -45,13 +45,13 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(extra_key=1), "extra_key", "unknown key"),
     (_base(model={"source": "smollm2-135m", "dtyp": "float32"}), "model.dtyp", "unknown key"),
     (_base(variants=[{"name": "g", "method": "gptq", "group_szie": 64}]), "variants[0].group_szie", "unknown key"),
-    (_base(variants=[{"name": "g", "method": "gptq", "bits": 3}]), "variants[0].bits", "bits in [4, 8]"),
-    (_base(variants=[{"name": "g", "method": "awq", "bits": 8}]), "variants[0].bits", "bits in [4]"),
+    (_base(variants=[{"name": "g", "method": "gptq", "bits": 3}]), "variants[0].bits", "writes no scheme with bits=3"),
+    (_base(variants=[{"name": "g", "method": "awq", "bits": 8}]), "variants[0].bits", "writes no scheme with bits=8"),
     (_base(variants=[{"name": "g", "method": "hqq"}]), "variants[0].method", "'gptq'"),
     (_base(variants=[{"name": "g", "method": "gptq", "group_size": "big"}]), "variants[0].group_size",
      "valid integer"),
     (_base(variants=[{"name": "g", "method": "gptq", "group_size": 96}]), "variants[0].group_size", "power of two"),
-    (_base(variants=[{"name": "f", "method": "fp8", "group_size": 64}]), "variants[0].group_size", "per channel"),
+    (_base(variants=[{"name": "f", "method": "fp8", "group_size": 64}]), "variants[0].group_size", "per output channel"),
     (_base(variants=[{"name": "s", "method": "smoothquant-gptq", "symmetric": False}]), "variants[0].symmetric",
      "symmetric"),
     (_base(calibration={"source": "c.jsonl", "samples": 0}), "calibration.samples", "greater than 0"),
@@ -78,7 +78,7 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(variants=[{"name": "b", "method": "bnb-nf4", "gguf_type": "Q4_0"}]), "variants[0].gguf_type",
      "does not take gguf_type; only gguf do"),
     (_base(variants=[{"name": "b", "method": "bnb-nf4", "group_size": 64}]), "variants[0].group_size",
-     "does not take group_size; only rtn, gptq, awq, smoothquant-gptq, fp8 do"),
+     "does not take group_size; only rtn, gptq, awq, smoothquant-gptq, autoround, fp8 do"),
     (_base(variants=[{"name": "b", "method": "gptq", "imatrix": True}]), "variants[0].imatrix", "only gguf do"),
     (_base(variants=[{"name": "s", "method": "rtn", "smoothing_strength": 0.5}]), "variants[0].smoothing_strength",
      "only method 'smoothquant-gptq'"),
@@ -88,6 +88,21 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(variants=[{"name": "m"}]), "variants[0].method", "missing; expected one of"),
     (_base(calibration=None, variants=[{"name": "g", "method": "gguf", "gguf_type": "Q4_0", "imatrix": True}]),
      "(top level)", "add a `calibration:` section"),
+    (_base(variants=[{"name": "a", "method": "awq", "scheme": "NVFP4"}]), "variants[0].scheme",
+     "method 'awq' cannot write 'NVFP4'; it writes ['W4A16-asym', 'W4A16']"),
+    (_base(variants=[{"name": "r", "method": "rtn", "scheme": "W3A16"}]), "variants[0].scheme",
+     "(schemes: ['W4A16', 'W4A16-asym'"),
+    (_base(variants=[{"name": "n", "method": "rtn", "scheme": "NVFP4", "group_size": 32}]), "variants[0].group_size",
+     "in groups of 16 fixed by the format"),
+    (_base(variants=[{"name": "g", "method": "gptq", "iters": 10}]), "variants[0].iters",
+     "method 'gptq' does not take iters; only method 'autoround' do"),
+    (_base(variants=[{"name": "g", "method": "gptq", "scheme": "W8A16", "bits": 4}]), "variants[0].bits",
+     "scheme 'W8A16' has bits=8, got 4"),
+    (_base(variants=[{"name": "f", "method": "fp8", "scheme": "W4A16"}]), "variants[0].scheme",
+     "method 'fp8' writes FP8-dynamic"),
+    (_base(variants=[{"name": "r", "method": "rtn", "rotate": "hadamard"}]), "variants[0].rotate", "'spinquant'"),
+    (_base(variants=[{"name": "b", "method": "gguf", "gguf_type": "Q4_0", "scheme": "W4A16"}]), "variants[0].scheme",
+     "method 'gguf' does not take scheme"),
     (_base(evaluation={"throughput": {"llamacpp_threads": 0}}), "evaluation.throughput.llamacpp_threads",
      "greater than 0"),
     (_base(evaluation={"tasks": ["arc_easy"], "vllm": {"tasks": ["gtpq"]}}), "evaluation.vllm.tasks",
@@ -121,10 +136,10 @@ def test_edge_methods_fill_their_format(tmp_path):
                 {"name": "f16", "method": "gguf", "gguf_type": "F16"}]
     recipe = load_recipe(_write(tmp_path, _base(variants=variants)))
     nf4, int8, q4km, q4i, f16 = recipe.variants[1:]
-    assert (nf4.bits, nf4.double_quant, nf4.scheme, nf4.calibrated) == (4, True, "NF4-dq (bitsandbytes)", False)
-    assert (int8.bits, int8.scheme) == (8, "LLM.int8 (bitsandbytes)")
-    assert (q4km.gguf_type, q4km.bits, q4km.scheme, q4km.calibrated) == ("Q4_K_M", 4, "GGUF Q4_K_M", False)
-    assert q4i.calibrated and q4i.scheme == "GGUF Q4_0 imatrix" and f16.bits == 16
+    assert (nf4.bits, nf4.double_quant, nf4.label, nf4.calibrated) == (4, True, "NF4-dq (bitsandbytes)", False)
+    assert (int8.bits, int8.label) == (8, "LLM.int8 (bitsandbytes)")
+    assert (q4km.gguf_type, q4km.bits, q4km.label, q4km.calibrated) == ("Q4_K_M", 4, "GGUF Q4_K_M", False)
+    assert q4i.calibrated and q4i.label == "GGUF Q4_0 imatrix" and f16.bits == 16
     assert not any(v.uses_llmcompressor for v in recipe.variants)
 
 
@@ -147,9 +162,10 @@ def test_calibration_shape_defaults_per_method():
     from compress.recipe import Calibration
 
     default = Calibration(source="c.jsonl")
-    assert default.shape_for("gptq") == (64, 512) and default.shape_for("awq") == (16, 256)
-    assert Calibration(source="c.jsonl", samples=32).shape_for("awq") == (32, 256)
-    assert Calibration(source="c.jsonl", seq_len=1024).shape_for("awq") == (16, 1024)
+    gptq, awq = (parse_variant({"name": m, "method": m}).default_calibration_shape() for m in ("gptq", "awq"))
+    assert default.shape_for(gptq) == (64, 512) and default.shape_for(awq) == (16, 256)
+    assert Calibration(source="c.jsonl", samples=32).shape_for(awq) == (32, 256)
+    assert Calibration(source="c.jsonl", seq_len=1024).shape_for(awq) == (16, 1024)
 
 
 def test_calibration_settings_name_the_pipeline(tmp_path):

@@ -11,21 +11,23 @@ def _cells(table) -> dict[str, dict[str, str]]:
 
 
 def test_calibrated_variant_worse_than_rtn_is_flagged():
-    rtn = {"name": "rtn", "method": "rtn", "status": "ok", "bits": 4, "group_size": 64,
+    # records name their scheme by its label (format, group, zero points, rotation, KV cache): the peer key
+    rtn = {"name": "rtn", "method": "rtn", "status": "ok", "scheme": "W4A16-g64", "bits": 4, "group_size": 64,
            "perplexity": {"value": 40.5}, "kl": {"mean": 0.44}}
-    gptq = {"name": "gptq", "method": "gptq", "status": "ok", "bits": 4, "group_size": 64,
+    gptq = {"name": "gptq", "method": "gptq", "status": "ok", "scheme": "W4A16-g64", "bits": 4, "group_size": 64,
             "perplexity": {"value": 41.7}, "kl": {"mean": 0.34},
             "calibration": {"samples": 64, "seq_len": 512, "source": "c4.jsonl"}}
     awq = {**gptq, "name": "awq", "method": "awq", "perplexity": {"value": 34.8}, "kl": {"mean": 0.18}}
-    other_group = {**gptq, "name": "g128", "group_size": 128}
+    other_group = {**gptq, "name": "g128", "scheme": "W4A16-g128", "group_size": 128}
     (warning,) = calibration_warnings([rtn, gptq, awq, other_group])
     assert warning.startswith("gptq (gptq)") and "(rtn)" in warning and "perplexity 41.7 vs 40.5" in warning
     assert "KL" not in warning and "64 x 512 tokens of c4.jsonl" in warning  # KL is better: not listed
     assert calibration_warnings([rtn, awq]) == []
     # zero points are a different format: an asymmetric AWQ is judged against asymmetric rounding only
-    awq_asym = {**awq, "name": "awq-asym", "symmetric": False, "perplexity": {"value": 45.0}}
+    awq_asym = {**awq, "name": "awq-asym", "scheme": "W4A16-g64-asym", "symmetric": False,
+                "perplexity": {"value": 45.0}}
     assert calibration_warnings([rtn, awq_asym]) == []
-    rtn_asym = {**rtn, "name": "rtn-asym", "symmetric": False}
+    rtn_asym = {**rtn, "name": "rtn-asym", "scheme": "W4A16-g64-asym", "symmetric": False}
     (warning,) = calibration_warnings([rtn, rtn_asym, awq_asym])
     assert warning.startswith("awq-asym (awq)") and "(rtn-asym)" in warning and "perplexity 45 vs 40.5" in warning
     # another run's rounding is no peer: it was measured against another baseline

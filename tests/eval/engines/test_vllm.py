@@ -129,16 +129,18 @@ def test_every_cpu_server_keeps_the_checkpoints_scheme_and_a_runtime_path_sets_i
     assert own["VLLM_CPU_INT4_W4A8"] == "0" and own["COMPRESS_VLLM_PROBE"] == "1"
     assert served.env_vars(s, env, "w4a8")["VLLM_CPU_INT4_W4A8"] == "1"
     assert "VLLM_CPU_INT4_W4A8" not in served.env_vars(s, {"build": "cuda"})
-    w4a16 = {"config_groups": {"g": {"weights": {"num_bits": 4}, "input_activations": None}}}
-    w8a8 = {"config_groups": {"g": {"weights": {"num_bits": 8}, "input_activations": {
+    w4a16 = {"config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}, "input_activations": None}}}
+    nvfp4a16 = {"config_groups": {"g": {"weights": {"num_bits": 4, "type": "float"}, "input_activations": None}}}
+    w8a8 = {"config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}, "input_activations": {
         "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}}
     assert vllm.RUNTIME_PATHS["w4a8"].applies(w4a16) and not vllm.RUNTIME_PATHS["w4a8"].applies(w8a8)
+    assert not vllm.RUNTIME_PATHS["w4a8"].applies(nvfp4a16)  # fp4 weights: not CPUWNA16's int4
     assert vllm.declared_activations(w8a8) == "int8, token, dynamic"
 
 
 def test_a_runtime_path_says_why_it_does_not_apply(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
-        "config_groups": {"g": {"weights": {"num_bits": 4}, "input_activations": None}}}}))
+        "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}, "input_activations": None}}}}))
     row = {"checkpoint": str(tmp_path), "scheme": "W4A16-g64"}
     amd = {"model": "AMD EPYC 9R14", "flags": ["avx512f", "avx512_bf16"]}
     why = served.runtime_not_here("w4a8", row, amd, "cpu")
