@@ -248,6 +248,10 @@ class KVMemory(_Block):
     gpus: dict[str, dict[str, int]] | None = None
 
 
+# the stages of a row, in the order a run spends them: the keys of Record.stage_seconds
+STAGES = ("compress", "load", "perplexity", "tasks", "throughput", "speed_ratio", "vllm")
+
+
 class Record(BaseModel):
     """One variant: one row of the comparison and one checkpoint folder (or a failed row with its error)."""
 
@@ -307,6 +311,8 @@ class Record(BaseModel):
     recovery: dict[str, Recovery] | None = None
     evaluate_peak_memory_bytes: int | None = None
     evaluate_peak_memory_kind: str | None = None
+    # wall seconds per stage, each taken when its figure was made (eval/measure.stage_seconds)
+    stage_seconds: dict[str, Num] | None = None
 
     def dump(self) -> dict:
         """The record as results.json stores it: the fields that were set, in declaration order."""

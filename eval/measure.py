@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import statistics
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING
 from compress import ownership, stop
 from compress.backends.unchanged import REFERENCE
 from compress.checkpoint import sha256_file
+from compress.record import STAGES
+from eval.pace import Pace
 from compress.options import Evaluation, InputError
 from eval.accuracy import TASKS_DIR, available_tasks
 
@@ -43,7 +47,7 @@ log = logging.getLogger("compress")
 EVAL_FORMAT = 2  # bump when what an eval/<variant>.json holds changes, so older measurements are redone
 SPEED_FORMAT = 1  # the same for its speed figures alone
 # what an eval/<variant>.json holds from the speed measurement, replaced as a whole when it is measured again
-SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio")
+SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio", "speed_seconds")
 # what it holds from the vLLM engine (eval/served.py), under a key of its own
 SERVED_FIELDS = ("vllm_key", "vllm", "vllm_runtime_keys", "vllm_runtime")
 
@@ -156,6 +160,7 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     base = records.get(base_name)
     shared = {"ppl_ids": None}  # the perplexity text's tokens, tokenized once per run
     measured: dict[str, dict] = {}
+    pace = Pace("evaluate", len(names))
     for name in tqdm(names, desc="evaluate", unit="variant"):
         try:
             with stop.stage(f"measuring {name}"):
@@ -168,7 +173,9 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             error = one_line(e, output / "eval")
             log.error("variant %s: its measurement FAILED: %s", name, error)
             records[name].update(status="failed", error=f"measurement failed: {error}")
+            pace.row_done(name)
             continue
+        pace.row_done(name)
         if on_row is not None:
             on_row(measured, base_name, f"measured {name}")
     if ev.vllm is not None:
@@ -257,14 +264,16 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
     reference = None
     if ev.perplexity and base is not None and not is_base:
         reference = _reference(recipe, output, base, device, dtype, tok, shared)  # before this row's model loads
-    model = None if gguf else hf.load_checkpoint(folder, dtype, device)
-    result: dict = {"eval_key": key}
+    seconds: dict[str, float] = {}
+    with timed(seconds, "load"):
+        model = None if gguf else hf.load_checkpoint(folder, dtype, device)
+    result: dict = {"eval_key": key, "quality_seconds": seconds}
     if record.get("kv_cache"):
         from eval.kvcache import apply_kv_cache
 
         result["kv_eval"] = apply_kv_cache(model, record)
     if ev.perplexity:
-        with stop.stage(f"measuring {name}'s perplexity"):
+        with stop.stage(f"measuring {name}'s perplexity"), timed(seconds, "perplexity"):
             if is_base and keep_reference:
                 with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
                     result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
@@ -276,8 +285,9 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
         from eval.accuracy import run_tasks
 
         if model is None:
-            model = hf.load_checkpoint(folder, dtype, device, gguf_file=gguf["file"])
-        with stop.stage(f"measuring {name}'s tasks (lm-eval)"):
+            with timed(seconds, "load"):
+                model = hf.load_checkpoint(folder, dtype, device, gguf_file=gguf["file"])
+        with stop.stage(f"measuring {name}'s tasks (lm-eval)"), timed(seconds, "tasks"):
             result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(),
                                         num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
                                         device=device)
@@ -359,10 +369,13 @@ def measure_speed(ev: Evaluation, record: dict, base: dict | None, base_measured
         log.info("stage throughput: %s skipped: transformers only simulates its KV format, so its decode speed "
                  "would not be that of an engine storing the cache that way", name)
         return {}
-    out = _throughput(ev.throughput, name, Path(record["checkpoint"]), record.get("gguf"), device, dtype)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "throughput"):
+        out = _throughput(ev.throughput, name, Path(record["checkpoint"]), record.get("gguf"), device, dtype)
     if base is not None and name != base["name"] and (base_measured or {}).get("throughput"):
-        out["speed_ratio"] = _ratio(ev.throughput, record, base, base_measured, out, device, dtype)
-    return out
+        with timed(seconds, "speed_ratio"):
+            out["speed_ratio"] = _ratio(ev.throughput, record, base, base_measured, out, device, dtype)
+    return {**out, "speed_seconds": seconds}
 
 
 def _spec(record: dict, t, device: str, dtype) -> dict:
@@ -447,7 +460,8 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
 
     for name, result in measured.items():
         summary = _without_rounds({k: v for k, v in result.items()  # the rounds stay in eval/<variant>.json
-                                   if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth")})
+                                   if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth",
+                                                "quality_seconds", "speed_seconds")})
         if summary.get("vllm"):
             summary["vllm"] = _without_rounds(summary["vllm"])
         if summary.get("vllm_runtime"):
@@ -458,9 +472,31 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
         if "tasks" in summary:
             summary["tasks"] = {t: {k: v for k, v in s.items() if k != "items"} for t, s in result["tasks"].items()}
         records[name].update(summary)
+        records[name]["stage_seconds"] = stage_seconds(records[name], result)
         if base_name and name != base_name and "tasks" in result and "tasks" in measured.get(base_name, {}):
             base_items = {t: s["items"] for t, s in measured[base_name]["tasks"].items()}
             records[name]["recovery"] = recovery(base_items, {t: s["items"] for t, s in result["tasks"].items()})
+
+
+@contextmanager
+def timed(seconds: dict, stage: str):
+    """Add the wall seconds of the block to `seconds[stage]` when it finishes (a stage that raised has no time)."""
+    t0 = time.perf_counter()
+    yield
+    seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - t0, 1)
+
+
+def stage_seconds(record: dict, result: dict) -> dict[str, float]:
+    """Wall seconds per stage of one row, each taken when its figure was made (a figure reused from the cache keeps
+    the time it cost then): compress (the build), load, perplexity (with KL), tasks (lm-eval), throughput, the
+    interleaved speed ratio, and vLLM (every served row of the checkpoint: server start, requests, its transformers
+    reference)."""
+    out = {"compress": record.get("compress_seconds"), **result.get("quality_seconds", {}),
+           **result.get("speed_seconds", {})}
+    served = [result.get("vllm"), *(result.get("vllm_runtime") or {}).values()]
+    if any(v and v.get("measure_seconds") is not None for v in served):
+        out["vllm"] = round(sum(v.get("measure_seconds") or 0.0 for v in served if v), 1)
+    return {k: out[k] for k in STAGES if out.get(k) is not None}
 
 
 def _without_rounds(figures: dict) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from compress import stop
 from eval import contention
+from eval.pace import Pace
 from eval.serving import sweep
 
 log = logging.getLogger("compress")
@@ -372,6 +373,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 ppl_ids if ev.vllm.perplexity else None, ev.perplexity, ppl_windows(ev) if ev.perplexity else None)
         reference_s[name] = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="compress-vllm-"))
+    pace = Pace("vllm", len(todo))
     try:
         for name, runtime, vkey in todo:
             record = records[name]
@@ -427,6 +429,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                           measure_seconds=round(time.perf_counter() - t0 + reference_s.pop(name, 0.0), 1))
             measured[name] = _store(measured[name], runtime, result, vkey)
             ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
+            pace.row_done(label)
             if on_row is not None:
                 on_row(measured, base_name, f"served {label} in vLLM")
     finally:

@@ -13,7 +13,7 @@ from compress.report.plots import plots
 from compress.report.provenance import provenance
 from compress.report.rows import DASH, display_columns, task_names
 from compress.report.tables import (calibration_warnings, distill_table, gguf_table, kv_table, speed_summary,
-                                    vllm_sweep_table, vllm_table, vllm_tasks_table)
+                                    stage_table, vllm_sweep_table, vllm_table, vllm_tasks_table)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def sections(results: dict, rows: list[dict]) -> list[Section]:
                                      ("Distillation", "distill", distill_table(variants)),
                                      ("Served by vLLM", "vllm", vllm_table(variants)),
                                      ("vLLM serving sweep", "vllm-sweep", vllm_sweep_table(variants)),
-                                     ("Tasks through vLLM", "vllm-tasks", vllm_tasks_table(variants))):
+                                     ("Tasks through vLLM", "vllm-tasks", vllm_tasks_table(variants)),
+                                     ("Where the time went", "stage-times", stage_table(variants))):
         if table:
             out.append(Section(heading, "table", table, id=table_id))
     if warnings := calibration_warnings(variants):

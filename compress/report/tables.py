@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 from compress.backends.unchanged import REFERENCE
+from compress.record import STAGES
 from compress.report.rows import CONTENDED, DASH, MB, _fmt, _get, _pm, baselines, engine_text
 
 # What the edge recipes aim for on a CPU: a 4-bit GGUF file that decodes at least this much faster than the fp32
@@ -373,3 +374,31 @@ def vllm_sweep_table(variants: list[dict]) -> Table | None:
                f"TPOT ≤ {tpot} (the recipe's SLO). A level is bracketed by the contention check with the server's "
                f"processes counted as ours; a contended level is run again, then flagged {CONTENDED}.")
     return Table(headers, rows, caption)
+
+
+def stage_table(variants: list[dict]) -> Table | None:
+    """Where the run's time went: wall minutes per row and stage (compress/record.STAGES), with a total per row and
+    per stage. None when no row has stage times (a run from before they were recorded)."""
+    timed = [r for r in _ok(variants) if r.get("stage_seconds")]
+    stages = [s for s in STAGES if any(s in r["stage_seconds"] for r in timed)]
+    if not timed:
+        return None
+
+    def minutes(seconds: float | None) -> str:
+        return DASH if seconds is None else f"{seconds / 60:.1f}"
+
+    rows = [[r["name"], *(minutes(r["stage_seconds"].get(s)) for s in stages),
+             minutes(sum(r["stage_seconds"].values()))] for r in timed]
+    totals = [sum(r["stage_seconds"].get(s, 0.0) for r in timed) for s in stages]
+    rows.append(["all rows", *map(minutes, totals), minutes(sum(totals))])
+    headers = ["variant", *(_STAGE_NAMES[s] for s in stages), "total"]
+    caption = ("Wall minutes per stage, each taken when its figure was made: a row or figure reused from the cache "
+               "keeps the time it cost in the run that measured it, so this is what the whole table costs from an "
+               "empty cache, not what this run spent. load: the checkpoint read into transformers; vLLM: every "
+               "served row of the checkpoint, server start included. Not counted: the model's fetch, vLLM's "
+               "environment, the report.")
+    return Table(headers, rows, caption)
+
+
+_STAGE_NAMES = {"compress": "compress", "load": "load", "perplexity": "perplexity + KL", "tasks": "tasks (lm-eval)",
+                "throughput": "throughput", "speed_ratio": "speed ratio", "vllm": "vLLM"}

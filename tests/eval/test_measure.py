@@ -54,6 +54,13 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
         sr = v["speed_ratio"]
         assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and sr["rounds"] >= 8 and "per_round" not in sr
         assert sr["verdict"] in ("faster", "slower", "no measurable difference")
+    # where the time went, per row and stage, as each figure was made; the report's table sums them
+    assert set(base["stage_seconds"]) == {"compress", "load", "perplexity", "tasks", "throughput"}
+    assert set(w4["stage_seconds"]) == {"compress", "load", "perplexity", "tasks", "throughput", "speed_ratio"}
+    assert all(s >= 0 for v in r.values() for s in v["stage_seconds"].values())
+    assert w4["stage_seconds"]["compress"] == w4["compress_seconds"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Where the time went" in report and "| all rows |" in report
     cached = json.loads((tmp_path / "run" / "eval" / "rtn-w4.json").read_text())
     assert len(cached["speed_ratio"]["per_round"]) == cached["speed_ratio"]["rounds_run"]  # the rounds stay here
     for f in ("report.md", "results.csv", "report.html"):
@@ -74,6 +81,8 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     monkeypatch.setattr(perplexity, "evaluate_tokens", lambda *a, **k: measured.append(1) or orig(*a, **k))
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert measured == []  # nothing re-measured
+    rerun = {v["name"]: v for v in json.loads((tmp_path / "run" / "results.json").read_text())["variants"]}
+    assert {n: v["stage_seconds"] for n, v in rerun.items()} == {n: v["stage_seconds"] for n, v in r.items()}
     timed = []
     from eval import measure as measure_mod
 

@@ -273,3 +273,17 @@ def test_vllm_provenance_and_plots():
     assert ttft.kind == "curves" and [c.steps for c in ttft.marks] == [[1, 4], [1, 4]]
     assert tpot.marks[1].losses == [70.0, 120.0]
     assert serving_curves([{"name": "x", "status": "ok"}], {}) == []
+
+
+def test_stage_table_sums_each_row_and_stage_in_minutes():
+    from compress.report.tables import stage_table
+
+    rows = [{"name": "baseline", "status": "ok", "stage_seconds": {"compress": 6.0, "perplexity": 60.0, "tasks": 240.0}},
+            {"name": "gptq", "status": "ok", "stage_seconds": {"compress": 180.0, "perplexity": 66.0, "vllm": 600.0}},
+            {"name": "broken", "status": "failed", "error": "x"}]
+    table = stage_table(rows)
+    assert table.headers == ["variant", "compress", "perplexity + KL", "tasks (lm-eval)", "vLLM", "total"]
+    assert table.rows[0] == ["baseline", "0.1", "1.0", "4.0", "—", "5.1"]
+    assert table.rows[1] == ["gptq", "3.0", "1.1", "—", "10.0", "14.1"]
+    assert table.rows[2] == ["all rows", "3.1", "2.1", "4.0", "10.0", "19.2"]
+    assert stage_table([{"name": "old", "status": "ok"}]) is None  # a run from before stage times: no table
