@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 from compress import ownership, stop
 from compress.backends.unchanged import REFERENCE
 from compress.checkpoint import sha256_file
-from compress.record import STAGES
-from eval.pace import Pace
 from compress.options import Evaluation, InputError
+from compress.record import STAGES
 from eval.accuracy import TASKS_DIR, available_tasks
+from eval.pace import Pace
 
 if TYPE_CHECKING:
     from compress.recipe import Recipe
@@ -173,10 +173,8 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
             error = one_line(e, output / "eval")
             log.error("variant %s: its measurement FAILED: %s", name, error)
             records[name].update(status="failed", error=f"measurement failed: {error}")
-            pace.row_done(name)
-            continue
         pace.row_done(name)
-        if on_row is not None:
+        if on_row is not None and name in measured:  # a failed row has no figures to publish
             on_row(measured, base_name, f"measured {name}")
     if ev.vllm is not None:
         from eval.served import serve_all

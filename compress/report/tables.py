@@ -380,9 +380,9 @@ def stage_table(variants: list[dict]) -> Table | None:
     """Where the run's time went: wall minutes per row and stage (compress/record.STAGES), with a total per row and
     per stage. None when no row has stage times (a run from before they were recorded)."""
     timed = [r for r in _ok(variants) if r.get("stage_seconds")]
-    stages = [s for s in STAGES if any(s in r["stage_seconds"] for r in timed)]
     if not timed:
         return None
+    stages = [s for s in STAGES if any(s in r["stage_seconds"] for r in timed)]
 
     def minutes(seconds: float | None) -> str:
         return DASH if seconds is None else f"{seconds / 60:.1f}"
