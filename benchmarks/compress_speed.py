@@ -104,15 +104,10 @@ def _direct(model, variant, windows) -> list[str]:
     oneshot = _lib().oneshot  # llm-compressor's own entry point, imported where compress imports it
 
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    workarounds = []
-    ctx = _no_pinning_without_accelerator()
-    if variant.method == "awq":
-        workarounds.append("pin_memory disabled (llm-compressor 0.14 AWQ crashes on a CPU-only torch otherwise)")
-    else:
-        import contextlib
-
-        ctx = contextlib.nullcontext()
-    with ctx:
+    # the one workaround compress applies too, to every method: llm-compressor 0.14 pins the intermediates it keeps
+    # between layers, which raises on a CPU-only torch (AWQ's pipeline hit it)
+    workarounds = ["pin_memory disabled (llm-compressor 0.14 crashes on a CPU-only torch otherwise)"]
+    with _no_pinning_without_accelerator():
         oneshot(model=model, dataset=ds, recipe=build_modifiers(variant), max_seq_length=len(windows[0]),
                 num_calibration_samples=len(windows))
     return workarounds

@@ -58,7 +58,7 @@ def measure_one(env, folder: Path, setting: str, args, bandwidth: float, log_dir
 
     from compress.options import VLLMSettings
     from compress.planner import kv_bytes
-    from eval import served
+    from eval import served_row, served_setup
     from eval.engines import vllm
     from eval.serving import run_level
     from eval.throughput import roofline
@@ -70,7 +70,7 @@ def measure_one(env, folder: Path, setting: str, args, bandwidth: float, log_dir
         [f for f in flags if f != "--no-enforce-eager"]
     s = VLLMSettings(concurrency=[args.concurrency], requests_min=args.requests, kv_cache_space_gb=1)
     cpu_all = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-    switches = {**served.env_vars(s, env), **{k: (cpu_all if v == "all" else v) for k, v in extra_env.items()}}
+    switches = {**served_setup.env_vars(s, env), **{k: (cpu_all if v == "all" else v) for k, v in extra_env.items()}}
     server = vllm.Server(env, folder, card_flags, name=folder.name, log_path=log_dir / f"{folder.name}.log",
                          extra_flags=harness, env_vars={k: v for k, v in switches.items() if v is not None},
                          ready_timeout_s=1200)
@@ -78,12 +78,12 @@ def measure_one(env, folder: Path, setting: str, args, bandwidth: float, log_dir
         level, sample = run_level(server, server.pids, concurrency=args.concurrency, settings=s,
                                   vocab=len(AutoTokenizer.from_pretrained(folder)), seed=1)
         log_text = server.log()
-    dtype = served.served_dtype(card_flags, None)
-    weight = served.served_weight_bytes(folder, dtype)
+    dtype = served_setup.served_dtype(card_flags, None)
+    weight = served_row.served_weight_bytes(folder, dtype)
     kv = kv_bytes(AutoConfig.from_pretrained(folder), s.prompt_tokens + s.output_tokens // 2, 1, 2)
     tok_per_sec = 1 / level["tpot_s_p50"]
     rf = roofline(weight, kv, bandwidth, tok_per_sec)
-    path = vllm.compute_path(vllm.layer_facts(log_text), vllm.declared_activations(served.quantization(folder)))
+    path = vllm.compute_path(vllm.layer_facts(log_text), vllm.declared_activations(served_setup.quantization(folder)))
     return {"checkpoint": folder.name, "setting": setting, "load_s": round(server.load_s, 1),
             "concurrency": args.concurrency, "output_tok_per_sec": level["output_tok_per_sec"],
             "tpot_ms_p50": 1000 * level["tpot_s_p50"], "server_itl_ms": 1000 * level.get("server_itl_s_mean", 0),

@@ -4,7 +4,7 @@ self time per step, and what is left outside them (Python, scheduling, sampling 
     python benchmarks/vllm_step_profile.py runs/smollm2-135m-lab/baseline runs/smollm2-135m-lab/gptq-w4a16
 
 Each checkpoint is served as compress serves it (the card's line, --enforce-eager, compress's CPU switches and
-binding: eval/served.env_vars), with `--profiler-config` set to vLLM's torch profiler (CPU activities, no stacks).
+binding: eval/served_setup.env_vars), with `--profiler-config` set to vLLM's torch profiler (CPU activities, no stacks).
 After a warm-up request, POST /start_profile, one streamed request of `--new-tokens` tokens at concurrency 1,
 POST /stop_profile; the trace vLLM's worker writes is read back here. Per decode step: the wall time (the engine's
 own inter-token latency, from /metrics, over the profiled request), the self time of every operator the profiler
@@ -82,7 +82,7 @@ def profile(env, folder: Path, args, work: Path, bandwidth: float) -> dict:
 
     from compress.options import VLLMSettings
     from compress.planner import kv_bytes
-    from eval import served
+    from eval import served_row, served_setup
     from eval.engines import vllm
     from eval.serving import random_prompt
 
@@ -93,7 +93,7 @@ def profile(env, folder: Path, args, work: Path, bandwidth: float) -> dict:
     s = VLLMSettings(kv_cache_space_gb=1)
     server = vllm.Server(env, folder, card_flags, name=folder.name, log_path=work / f"{folder.name}.log",
                          extra_flags=["--enforce-eager", "--profiler-config", json.dumps(config)],
-                         env_vars=served.env_vars(s, env), ready_timeout_s=1200)
+                         env_vars=served_setup.env_vars(s, env), ready_timeout_s=1200)
     import random
 
     prompt = random_prompt(random.Random(0), len(AutoTokenizer.from_pretrained(folder)), args.prompt_tokens)
@@ -125,8 +125,8 @@ def profile(env, folder: Path, args, work: Path, bandwidth: float) -> dict:
     groups = defaultdict(float)
     for name, ms in ops_ms.items():
         groups[group(name)] += ms
-    dtype = served.served_dtype(card_flags, None)
-    weight = served.served_weight_bytes(folder, dtype)
+    dtype = served_setup.served_dtype(card_flags, None)
+    weight = served_row.served_weight_bytes(folder, dtype)
     kv = kv_bytes(AutoConfig.from_pretrained(folder), args.prompt_tokens + args.new_tokens // 2, 1, 2)
     bound_ms = 1000 * (weight + kv) / bandwidth
     top = sorted(ops_ms.items(), key=lambda kv_: -kv_[1])[:args.top]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.backends.unchanged import REFERENCE
+from compress.options import REFERENCE
 
 
 def serve_command(folder: Path, saved_dtype: str, kv_fp8: bool = False, bitsandbytes: bool = False) -> str:

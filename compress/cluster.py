@@ -4,7 +4,7 @@ The only module that imports Ray. What runs where:
 
     driver (this process)   checks the recipe, computes every cache key, checks that each node sees the output
                             folder and the inputs, submits the tasks, writes results.json as they finish, the report
-    build task, per variant compress/run.build_variant: the same function as a serial run, so the same cache key,
+    build task, per variant compress/build.build_variant: the same function as a serial run, so the same cache key,
                             the same staging-then-rename checkpoint, the same failed row for a variant's own error
     measure task, per variant eval/measure.evaluate_variant (+ the vLLM stage of that row): it depends on its own
                             build and on the baseline's measurement, which Ray passes to it
@@ -259,7 +259,7 @@ def _node_ip() -> str:
 
 def build_task(state, name: str) -> tuple[dict, dict]:
     """A Ray task: one variant's checkpoint, built (or reused) exactly as a serial run builds it."""
-    from compress.run import build_variant
+    from compress.build import build_variant
 
     started = time.time()
     env = _worker_start(state, "build", name)
@@ -268,32 +268,27 @@ def build_task(state, name: str) -> tuple[dict, dict]:
 
 
 def measure_task(state, name: str, built: tuple, base_built: tuple | None, base_measured: tuple | None):
-    """A Ray task: one built variant's measurement (eval/measure.evaluate_variant, then its vLLM row when the recipe
-    asks for one); `base_*`: the baseline's build and measurement results (None for the baseline itself)."""
-    from eval.measure import evaluate_variant
+    """A Ray task: one built variant's measurement, evaluate then serve (eval/measure.measure_rows, as the serial run
+    does for every row); `base_*`: the baseline's build and measurement results (None for the baseline itself). A
+    row whose measurement failed raises, and the driver makes it a failed row."""
+    from eval.measure import RowFailed, measure_rows
 
     record = built[0]
     if record["status"] != "ok":
         return None, None
     started = time.time()
     _worker_start(state, "measure", name)
-    ev = state.recipe.evaluation
     if base_built is None and record["method"] == REFERENCE:
         base = record  # the baseline's own measurement: its KL is 0, and it saves the others' KL reference
     else:
         base = base_built[0] if base_built and base_built[0]["status"] == "ok" else None
-    base_figures = base_measured[0] if base_measured else None
-    measured = evaluate_variant(state.recipe, state.output, record, base, base_figures, state.device, state.dtype,
-                                state.remeasure_speed, keep_reference=not state.only_baseline)
-    if ev.vllm is not None:
-        from eval.served import serve_all
-
-        records = {name: record, **({base["name"]: base} if base else {})}
-        all_measured = {name: measured}
-        serve_all(state.recipe, state.output, records, all_measured, [name], base["name"] if base else None,
-                  state.device, state.dtype, state.remeasure_speed)
-        measured = all_measured[name]
-    return measured, _placement("measure", started)
+    records = {name: record, **({base["name"]: base} if base and base is not record else {})}
+    measured = {base["name"]: base_measured[0]} if base is not record and base and base_measured else {}
+    measure_rows(state.recipe, state.output, records, [name], base["name"] if base else None, measured, state.device,
+                 state.dtype, state.remeasure_speed, keep_reference=not state.only_baseline)
+    if name not in measured:
+        raise RowFailed(records[name]["error"])
+    return measured[name], _placement("measure", started)
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -330,8 +325,9 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
     variant's failed row."""
     import ray
 
+    from compress.build import cached_record
     from compress.resources import one_line
-    from compress.run import cached_record
+    from eval.measure import RowFailed
 
     s = conn.settings
     check_fits(s, state.device)
@@ -386,7 +382,7 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
                 cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
                 if isinstance(cause, InputError):
                     raise cause from None
-                error = one_line(cause, state.output)
+                error = str(cause) if isinstance(cause, RowFailed) else one_line(cause, state.output)
             else:  # its worker or node died, every retry
                 error = (f"its {stage} task's worker was lost {s.max_retries + 1} time(s) "
                          f"({type(e).__name__}); cluster.max_retries: {s.max_retries}")
@@ -414,6 +410,6 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
 
 
 def _failed(state, name: str, error: str) -> dict:
-    from compress.run import failed_record
+    from compress.build import failed_record
 
     return failed_record(next(v for v in state.recipe.variants if v.name == name), error, state.env)

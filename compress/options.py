@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EMBEDDED_MODEL = "smollm2-135m"
+REFERENCE = "baseline"  # the method of the reference row every table compares against (compress/backends/unchanged.py)
 
 # what compress writes beside the checkpoint folders in an output folder: a variant may not be named like them
 RESERVED_NAMES = frozenset({"eval", "results.json", "report.md", "report.html", "results.csv"})
@@ -354,10 +355,12 @@ class VLLMSettings(_Strict):
     # the SLO goodput counts against: a request is good when its TTFT and its TPOT are both within the limits
     slo_ttft_ms: float = Field(1000, gt=0)
     slo_tpot_ms: float = Field(100, gt=0)  # 10 tok/s per user, about reading speed
-    # a row vLLM decodes slower than this (two 4-token probes, the second timed) is reported with its measured speed
-    # and kernel, and not measured further: FP8 is emulated on a CPU (0.1 tok/s here), and its sweep, agreement
-    # and ratio would take hours. 0: measure every row whatever its speed
-    min_tok_per_sec: float = Field(0.5, ge=0)
+    # a row vLLM decodes slower than this (two 4-token probes, prompt included, the second timed) is reported with
+    # its measured speed and kernel, and not measured further. None: half the SLO's per-user pace (`probe_floor`): a
+    # row below it meets the SLO at no concurrency, and its sweep and ratio would only say so at length (FP8 is
+    # emulated on a CPU: benchmarks/results/lab_smollm2_*.md). 0: measure every row whatever its speed
+    min_tok_per_sec: float | None = Field(None, ge=0)
+    probe_timeout_s: float = Field(60, gt=0)  # a probe with no token back for this long is "too slow", unmeasured
     agreement_tokens: int = Field(32, gt=0)  # greedy tokens compared with transformers per self-check prompt
     perplexity: bool = True  # vLLM's perplexity on the windows of evaluation.perplexity, beside transformers' on them
     # at most this many of those windows (transformers' figure beside it is recomputed on the same ones): vLLM's CPU
@@ -396,6 +399,10 @@ class VLLMSettings(_Strict):
         if isinstance(value, dict) and (unknown := [n for n in value if n not in RUNTIME_PATHS]):
             raise ValueError(f"unknown {unknown}; expected some of {sorted(RUNTIME_PATHS)}")
         return value
+
+    def probe_floor(self) -> float:
+        """The probe's tok/s below which a row is "too slow": min_tok_per_sec, else half of 1 / slo_tpot."""
+        return self.min_tok_per_sec if self.min_tok_per_sec is not None else 500 / self.slo_tpot_ms
 
     def runtime_for(self, name: str) -> list[str]:
         """The runtime paths variant `name` gets a row for."""
@@ -475,6 +482,10 @@ class Evaluation(_Strict):
     num_fewshot: int = Field(0, ge=0)
     limit: int | None = Field(200, gt=0)  # documents per task (the first N); None: the whole split
     batch_size: int = Field(16, gt=0)
+    # how the transformers pass scores a task's choices: "shared-context" runs each question's context once for all
+    # its choices (eval/shared_context.py: fewer tokens, the same arithmetic), "lm-eval" runs lm-eval's own loop
+    # (one sequence per choice); in the figures' key, and named in the report
+    task_scorer: Literal["shared-context", "lm-eval"] = "shared-context"
     perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)  # null: skip
     throughput: ThroughputSettings | None = Field(default_factory=ThroughputSettings)  # null: skip
     vllm: VLLMSettings | None = None  # null: no vLLM engine (it needs its own environment, built on first use)

@@ -67,6 +67,8 @@ class TaskScore(_Block):
     num_fewshot: int | None = None
     file: str | None = None
     items: list[Num] | None = None
+    # the transformers pass's scorer (evaluation.task_scorer): "shared-context" (eval/shared_context.py) or "lm-eval"
+    scorer: str | None = None
     # a score through vLLM (evaluation.vllm.tasks): how many items it scored as the transformers pass did
     same_items: int | None = None
 
@@ -184,7 +186,7 @@ class ServedLevel(_Block):
 
 class Served(_Block):
     """eval/served.py: the variant served by vLLM and measured there; `status` ok, failed (vLLM's `reason`),
-    "too slow" (served, but below min_tok_per_sec: its speed and kernel only) or skipped (why this row is not for
+    "too slow" (served, but its probe was below evaluation.vllm's floor or timed out: its speed and kernel only) or skipped (why this row is not for
     vLLM)."""
 
     status: str
@@ -203,6 +205,7 @@ class Served(_Block):
     load_s: Num | None = None
     kernels: list[str] | None = None
     probe_tok_per_sec: Num | None = None
+    probe_timeout_s: Num | None = None  # "too slow" because the probe had no token back in this long
     agreement: dict | None = None  # greedy agreement with transformers at the served dtype (eval/agreement.py)
     agreement_vs_float32: dict | None = None  # the same against transformers fp32 (kept beside)
     noise_floor: dict | None = None  # transformers at the served dtype against fp32: what rounding alone does

@@ -17,43 +17,19 @@ an orderly stop.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress import checkpoint, ownership, resources, stop
-from compress.build import Job
+from compress import checkpoint, ownership, resources
+from compress.build import RunState, build_variant
 from compress.checks import check_inputs, check_resources
 from compress.keys import cache_key, variant_versions
 from compress.load import Source, load_config, resolve_device_dtype
 from compress.options import InputError
-from compress.record import RESULTS, Record, Results, parse_record
+from compress.record import RESULTS, Record, Results
 from compress.recipe import Recipe
 
 log = logging.getLogger("compress")
-
-
-@dataclass
-class RunState:
-    """What every variant's build and measurement share: decided once, by the process that runs the recipe (and
-    handed as is to a cluster's tasks, so that they compute nothing the serial run would compute otherwise)."""
-
-    recipe: Recipe
-    recipe_path: Path
-    source: Source
-    source_info: dict
-    device: str
-    dtype: object
-    env: dict
-    versions: dict  # the library versions in the cache keys: a cluster node must have the same
-    output: Path
-    keys: dict[str, str]  # variant -> cache key
-    needs: dict[str, int]  # variant -> estimated bytes written (for a failed build's message)
-    remeasure_speed: bool = False
-    cwd: str = field(default_factory=os.getcwd)  # relative recipe paths resolve against it, on every node
-    only_baseline: bool = False
 
 
 def run(recipe: Recipe, recipe_path: Path, remeasure_speed: bool = False, cluster: str | None = None) -> int:
@@ -214,74 +190,10 @@ def _inputs(recipe: Recipe, source: Source) -> dict[str, Path]:
     return out
 
 
-def failed_record(v, error: str, env: dict) -> dict:
-    """The row of a variant that has no checkpoint: its build failed (or, on a cluster, its task was lost)."""
-    return {"name": v.name, "method": v.method, "scheme": v.label, "status": "failed", "error": error,
-            "checkpoint": None, "environment": env}
-
-
-def build_variant(state: RunState, v, env: dict, windows: dict) -> dict:
-    """One variant's record: its complete checkpoint reused (same cache key, files matching their sha256), or built
-    by its backend; a variant that fails for its own reason is a failed record, not an exception. `env`: the
-    environment of the process that builds it (recorded in the record)."""
-    from compress.environment import release_freed_memory
-
-    dest = state.output / v.name
-    cached = cached_record(dest, state.keys[v.name])
-    if cached is not None:
-        log.info("stage cached: %s (%s) unchanged, checkpoint %s verified", v.name, v.label, dest)
-        return {**cached, "cached": True}
-    job = Job(state.recipe, state.source, state.source_info, state.device, state.dtype, env, state.keys[v.name], dest,
-              windows)
-    try:
-        with stop.stage(f"building {v.name}"):
-            return build(job, v)
-    except (InputError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        error = resources.one_line(e, dest, state.needs.get(v.name))
-        log.error("variant %s FAILED: %s", v.name, error)
-        log.debug("variant %s traceback:\n%s", v.name, traceback.format_exc())
-        return failed_record(v, error, env)
-    finally:
-        release_freed_memory()  # each variant's peak starts from a clean heap, not the last one's high-water mark
-
-
-def cached_record(dest: Path, key: str) -> dict | None:
-    """The record of a complete checkpoint built with this cache key whose files still match their sha256, or None
-    (then it is built again; a record this version cannot read counts as none)."""
-    from pydantic import ValidationError
-
-    manifest = checkpoint.verify(dest, key)
-    if manifest is None or manifest.get("record", {}).get("status") != "ok":
-        return None
-    try:
-        return parse_record(manifest["record"]).dump()
-    except ValidationError as e:
-        log.warning("stage cached: %s has a record this version does not read (%s); building it again", dest,
-                    e.errors()[0]["loc"])
-        return None
-
-
 def _write(results: Results, records: dict[str, dict], output: Path) -> None:
     """results.json through its schema: every record is validated as it is written."""
     results.variants = [Record.model_validate(r) for r in records.values()]
     ownership.write_owned(output, RESULTS, results.text())
-
-
-def build(job: Job, v) -> dict:
-    """One variant's checkpoint by its backend (`v.build`), with the offload folder it may need: a staging folder of
-    this variant (in offload.folder or the output), never the folder itself."""
-    offload = job.recipe.model.offload
-    if offload and v.OFFLOADS:
-        parent = Path(offload.folder).expanduser() if offload.folder else job.output
-        checkpoint.remove_stale_staging(parent)
-        job.offload_dir = checkpoint.new_staging_dir(parent, f"offload-{v.name}")
-    try:
-        return v.build(job)
-    finally:
-        if job.offload_dir is not None:
-            shutil.rmtree(job.offload_dir, ignore_errors=True)
 
 
 def measure(state: RunState, records: dict[str, dict], results: Results) -> int:

@@ -17,6 +17,12 @@ from pathlib import Path
 from compress.options import InputError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# how the transformers pass scored a task (evaluation.task_scorer), as the report says it
+SCORERS = {
+    "shared-context": "scored with each context run once for all its choices (eval/shared_context.py; the same "
+                      "requests and arithmetic as lm-eval's loop, fewer tokens)",
+    "lm-eval": "scored by lm-eval's own loop (one sequence per choice)",
+}
 
 
 def available_tasks() -> list[str]:
@@ -45,18 +51,41 @@ def primary_metric(cfg: dict) -> str:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], data_dir: Path, *, num_fewshot: int, limit: int | None,
-              batch_size: int, device: str) -> dict:
-    """Evaluate `model` (already loaded from the saved checkpoint) on local tasks.
+              batch_size: int, device: str, scorer: str = "shared-context") -> dict:
+    """Evaluate `model` (already loaded from the saved checkpoint) on local tasks; `scorer` (evaluation.task_scorer):
+    "shared-context" scores each context once for all its continuations (eval/shared_context.py), "lm-eval" with
+    lm-eval's own loop.
 
-    Returns {task: {"metric", "value", "stderr", "n", "limit", "num_fewshot", "file", "items"}} where items are
-    the per-document scores of the primary metric in doc_id order.
+    Returns {task: {"metric", "value", "stderr", "n", "limit", "num_fewshot", "file", "items", "scorer"}} where
+    items are the per-document scores of the primary metric in doc_id order.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    return _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
+    lm_class = _shared_context_lm(HFLM) if scorer == "shared-context" else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    scores = _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
+    return {t: {**s, "scorer": scorer} for t, s in scores.items()}
+
+
+def _shared_context_lm(hflm):
+    """lm-eval's HFLM with its log-likelihood loop replaced by eval/shared_context.score_requests (the same
+    requests, as lm-eval tokenized them, answered in the same order). A request longer than the model's window takes
+    lm-eval's own loop, which truncates it as lm-eval does."""
+    from eval.shared_context import score_requests
+
+    class SharedContextLM(hflm):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self.backend != "causal" or any(len(c) + len(k) > self.max_length + 1 for _, c, k in requests):
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            out = score_requests(self.model, [(c, k) for _, c, k in requests], pad_id=0,
+                                 batch_requests=override_bs or self.batch_size)
+            for (key, _, _), answer in zip(requests, out, strict=True):
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+            return out
+
+    return SharedContextLM
 
 
 def run_tasks_served(url: str, model_name: str, tokenizer_folder: Path, tasks: list[str], data_dir: Path, *,

@@ -18,7 +18,7 @@ probability 1 - 2 P(Binomial(n, 1/2) < k), whatever the distribution. With 8 rou
 Each timed run is also bracketed by eval/contention: a round in which either run was contended is timed again
 (at most `retries` more rounds), and when `rounds` quiet rounds were not had by then, the ratio comes from every
 round and is flagged `contended`. Works for any two engines that give a batch-1 `open_decoder` (transformers,
-llama.cpp, and vLLM servers: eval/served.py interleaves a vLLM row with the vLLM baseline).
+llama.cpp, and vLLM servers: eval/served.py interleaves a vLLM row with the run's baseline in transformers).
 """
 
 from __future__ import annotations
@@ -95,25 +95,13 @@ def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
             "method": METHOD, "per_round": per_round}
 
 
-def _open(spec: dict, prompt_tokens: int, new_tokens: int):
-    """The engine named in `spec` opened as a batch-1 decoder: (one_run, close, info)."""
-    if spec["engine"] == "llama.cpp":
-        from eval.engines import llamacpp
-
-        return llamacpp.open_decoder(spec["path"], prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                                     threads=spec.get("threads"))
-    from eval.engines import transformers as hf
-
-    return hf.open_decoder(spec["folder"], prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                           device=spec["device"], dtype=spec["dtype"])
-
-
 def speed_ratio(baseline: dict, variant: dict, *, prompt_tokens: int, new_tokens: int, rounds: int, retries: int,
                 threshold: float = contention.THRESHOLD) -> dict:
-    """Load both checkpoints (each `{"engine": "transformers", "folder", "device", "dtype"}` or
-    `{"engine": "llama.cpp", "path", "threads"}`) in this process and `interleave` them."""
-    a_run, a_close, a_info = _open(baseline, prompt_tokens, new_tokens)
-    b_run, b_close, b_info = _open(variant, prompt_tokens, new_tokens)
+    """Load both checkpoints (each an eval/engines.Row.decoder_spec) in this process and `interleave` them."""
+    from eval.engines import open_decoder
+
+    a_run, a_close, a_info = open_decoder(baseline, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    b_run, b_close, b_info = open_decoder(variant, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     try:
         out = interleave(a_run, b_run, new_tokens=new_tokens, rounds=rounds, retries=retries, threshold=threshold)
     finally:

@@ -37,6 +37,8 @@ from compress.checkpoint import sha256_file
 from compress.options import Evaluation, InputError
 from compress.record import STAGES
 from eval.accuracy import TASKS_DIR, available_tasks
+from eval.engines import Row, for_row
+from eval.perplexity import ppl_file_digest
 from eval.pace import Pace
 
 if TYPE_CHECKING:
@@ -50,6 +52,11 @@ SPEED_FORMAT = 1  # the same for its speed figures alone
 SPEED_FIELDS = ("speed_key", "bandwidth", "throughput", "roofline", "speed_ratio", "speed_seconds")
 # what it holds from the vLLM engine (eval/served.py), under a key of its own
 SERVED_FIELDS = ("vllm_key", "vllm", "vllm_runtime_keys", "vllm_runtime")
+
+
+class RowFailed(RuntimeError):
+    """A row whose measurement failed, raised where one row is all there is (a cluster task); its message is the
+    row's error as results.json says it."""
 
 
 def check_inputs(ev: Evaluation) -> None:
@@ -79,43 +86,29 @@ def evaluation_files(ev: Evaluation) -> set[Path]:
     return files
 
 
-def eval_key(ev: Evaluation, cache_key: str, device: str, gguf: bool = False) -> str:
-    """The key of a variant's perplexity, KL and task figures: what they depend on, and nothing about speed."""
+def eval_key(ev: Evaluation, record: dict, device: str) -> str:
+    """The key of a variant's perplexity, KL and task figures: what they depend on (its checkpoint, the evaluation
+    settings and what its engine adds to them, the data, lm-eval), and nothing about speed."""
     import lm_eval
 
-    settings = ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm"})
-    if gguf:  # llama.cpp's attention kernel changes the logits of GGUF rows
-        from compress.llamacpp import FLASH_ATTENTION  # a constant: importing it does not load llama_cpp
-
-        settings["llamacpp_flash_attention"] = FLASH_ATTENTION
-    blob = {"format": EVAL_FORMAT, "checkpoint": cache_key, "settings": settings, "device": device,
+    settings = for_row(record).key_settings(
+        ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm"}))
+    blob = {"format": EVAL_FORMAT, "checkpoint": record["cache_key"], "settings": settings, "device": device,
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
             "ppl_file": ppl_file_digest(ev)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def ppl_file_digest(ev: Evaluation) -> str | None:
-    """The first 16 hex digits of the perplexity text's sha256 (None without perplexity)."""
-    return sha256_file(Path(ev.data_dir).expanduser() / ev.perplexity.file)[:16] if ev.perplexity else None
-
-
 def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str) -> str | None:
     """The key of a variant's speed figures: its checkpoint, the baseline it is interleaved with, the throughput
-    settings, the bandwidth probe, the engine settings of GGUF rows; None when throughput is off."""
+    settings as its engine reads them, the bandwidth probe; None when throughput is off."""
     if ev.throughput is None:
         return None
     from eval.interleaved import METHOD
     from eval.throughput import BANDWIDTH_PROBE
 
-    settings = ev.throughput.model_dump()
-    gguf = bool(record.get("gguf"))
-    if gguf:  # llama.cpp's threads and attention kernel change only the figures of GGUF rows
-        from compress.llamacpp import FLASH_ATTENTION
-
-        settings["llamacpp_flash_attention"] = FLASH_ATTENTION
-    else:
-        settings.pop("llamacpp_threads")
+    settings = for_row(record).key_settings(ev.throughput.model_dump())
     blob = {"format": SPEED_FORMAT, "checkpoint": record["cache_key"], "device": device, "settings": settings,
             "baseline": base["cache_key"] if base and base["name"] != record["name"] else None,
             "bandwidth_probe": BANDWIDTH_PROBE, "ratio_method": METHOD}
@@ -146,27 +139,39 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
                  remeasure_speed: bool = False, on_row=None) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
     `remeasure_speed`: time every row again even where its cached speed figures are current. `on_row(measured,
-    base_name, stage)` is called after every row is measured (the run rewrites results.json and the report).
+    base_name, stage)` is called after every row is measured (the run rewrites results.json and the report)."""
+    names, base_name = evaluation_order(records)
+    measured: dict[str, dict] = {}
+    measure_rows(recipe, output, records, names, base_name, measured, device, dtype, remeasure_speed,
+                 keep_reference=len(names) > 1, on_row=on_row)
+    remove_reference(recipe, output, records.get(base_name), device)
+    finish(measured, records, base_name)
+    return run_info(recipe.evaluation, measured)
+
+
+def measure_rows(recipe: Recipe, output: Path, records: dict[str, dict], names: list[str], base_name: str | None,
+                 measured: dict[str, dict], device: str, dtype, remeasure_speed: bool = False, *,
+                 keep_reference: bool = True, on_row=None) -> None:
+    """Evaluate, then serve: each of `names` measured in its own engine (`evaluate_variant`), then, when the recipe
+    asks for vLLM, each served (eval/served.serve_all); figures into `measured` (which may hold the baseline's
+    already, as on a cluster node). The serial run passes every row; a cluster task (compress/cluster.py) one.
 
     A variant whose measurement fails (an error, or a stage that stalled: compress/stop.py) becomes a failed row
-    with the reason, and the next one is measured; what it had measured stays cached in eval/<variant>.json, so
-    the same command run again measures only what is missing."""
+    in `records` with the reason, and the next one is measured; what it had measured stays cached in
+    eval/<variant>.json, so the same command run again measures only what is missing."""
     from tqdm import tqdm
 
     from compress.resources import one_line
 
-    ev = recipe.evaluation
-    names, base_name = evaluation_order(records)
-    base = records.get(base_name)
+    base = records.get(base_name) if base_name else None
     shared = {"ppl_ids": None}  # the perplexity text's tokens, tokenized once per run
-    measured: dict[str, dict] = {}
     pace = Pace("evaluate", len(names))
-    for name in tqdm(names, desc="evaluate", unit="variant"):
+    for name in tqdm(names, desc="evaluate", unit="variant", disable=len(names) < 2):
         try:
             with stop.stage(f"measuring {name}"):
                 measured[name] = evaluate_variant(recipe, output, records[name], base, measured.get(base_name),
                                                   device, dtype, remeasure_speed, shared,
-                                                  keep_reference=len(names) > 1)
+                                                  keep_reference=keep_reference)
         except (InputError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -176,14 +181,11 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
         pace.row_done(name)
         if on_row is not None and name in measured:  # a failed row has no figures to publish
             on_row(measured, base_name, f"measured {name}")
-    if ev.vllm is not None:
+    if recipe.evaluation.vllm is not None:
         from eval.served import serve_all
 
         serve_all(recipe, output, records, measured, [n for n in names if n in measured], base_name, device, dtype,
                   remeasure_speed, on_row=on_row)
-    remove_reference(recipe, output, base, device)
-    finish(measured, records, base_name)
-    return run_info(ev, measured)
 
 
 def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | None, base_measured: dict | None,
@@ -200,7 +202,7 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
     shared = {"ppl_ids": None} if shared is None else shared
     name = record["name"]
     (output / "eval").mkdir(exist_ok=True)
-    key = eval_key(ev, record["cache_key"], device, gguf=bool(record.get("gguf")))
+    key = eval_key(ev, record, device)
     skey = speed_key(ev, record, base, device)
     path = output / "eval" / f"{name}.json"
     cached = _read_cached(path)
@@ -232,7 +234,7 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
 def reference_rel(ev: Evaluation, base: dict, device: str) -> str:
     """Where the baseline's log-probabilities for KL are kept (eval/perplexity.ReferenceFile), named by the
     baseline's evaluation key: another checkpoint, text or window setting is another file."""
-    return f"eval/{base['name']}.logprobs-{eval_key(ev, base['cache_key'], device, bool(base.get('gguf')))}.f32"
+    return f"eval/{base['name']}.logprobs-{eval_key(ev, base, device)}.f32"
 
 
 def remove_reference(recipe: Recipe, output: Path, base: dict | None, device: str) -> None:
@@ -246,25 +248,27 @@ def remove_reference(recipe: Recipe, output: Path, base: dict | None, device: st
 
 def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device: str, dtype, base: dict | None,
                     shared: dict, keep_reference: bool = True) -> dict:
-    """One variant's figures, from its checkpoint. GGUF rows: perplexity, KL and decode run in llama.cpp on the file
-    itself; lm-eval needs a transformers model, so the tasks read the same file dequantized (same weights, fp32
-    arithmetic). One model in memory at a time: the baseline's pass saves its log-probabilities to a file
-    (`reference_rel`) that every other row's KL reads; `shared` carries the tokenized perplexity text."""
+    """One variant's figures, from its checkpoint, in its engine (eval/engines.for_row: GGUF rows' perplexity and KL
+    in llama.cpp on the file itself; lm-eval needs a transformers model, so their tasks read the same file
+    dequantized: same weights, fp32 arithmetic). One model in memory at a time: the baseline's pass saves its
+    log-probabilities to a file (`reference_rel`) that every other row's KL reads; `shared` carries the tokenized
+    perplexity text."""
     from transformers import AutoTokenizer
 
     from compress.environment import peak_memory_bytes
-    from eval.engines import transformers as hf
 
     ev = recipe.evaluation
-    name, folder, gguf = record["name"], Path(record["checkpoint"]), record.get("gguf")
+    name, engine = record["name"], for_row(record)
     is_base = base is not None and name == base["name"]
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(engine.folder)
     reference = None
     if ev.perplexity and base is not None and not is_base:
         reference = _reference(recipe, output, base, device, dtype, tok, shared)  # before this row's model loads
     seconds: dict[str, float] = {}
-    with timed(seconds, "load"):
-        model = None if gguf else hf.load_checkpoint(folder, dtype, device)
+    model = None
+    if engine.engine.scores_in_model:
+        with timed(seconds, "load"):
+            model = engine.load_model(dtype, device)
     result: dict = {"eval_key": key, "quality_seconds": seconds}
     if record.get("kv_cache"):
         from eval.kvcache import apply_kv_cache
@@ -274,22 +278,22 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
         with stop.stage(f"measuring {name}'s perplexity"), timed(seconds, "perplexity"):
             if is_base and keep_reference:
                 with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
-                    result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=True,
+                    result.update(_perplexity(ev, name, engine, model, tok, shared, is_base=True,
                                               keep=_float32_to(write)))
             else:
-                result.update(_perplexity(ev, name, folder, gguf, model, tok, shared, is_base=is_base,
+                result.update(_perplexity(ev, name, engine, model, tok, shared, is_base=is_base,
                                           reference=reference))
     if ev.tasks:
         from eval.accuracy import run_tasks
 
         if model is None:
             with timed(seconds, "load"):
-                model = hf.load_checkpoint(folder, dtype, device, gguf_file=gguf["file"])
+                model = engine.load_model(dtype, device)
         with stop.stage(f"measuring {name}'s tasks (lm-eval)"), timed(seconds, "tasks"):
             result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(),
                                         num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
-                                        device=device)
-        result["tasks_engine"] = ("transformers, GGUF dequantized on load" if gguf else "transformers")
+                                        device=device, scorer=ev.task_scorer)
+        result["tasks_engine"] = engine.engine.tasks
     del model
     result["evaluate_peak_memory_bytes"], result["evaluate_peak_memory_kind"] = peak_memory_bytes(device)
     return result
@@ -331,30 +335,26 @@ def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok
     return ref.open(rows)
 
 
-def _perplexity(ev: Evaluation, name: str, folder: Path, gguf: dict | None, model, tok, shared: dict, *,
-                is_base: bool, reference=None, keep=None) -> dict:
-    """Perplexity on the recipe's text file and, against the baseline's log-probabilities (`reference`), KL and
-    top-1 agreement (the baseline's own: 0 and 100%)."""
+def _perplexity(ev: Evaluation, name: str, engine: Row, model, tok, shared: dict, *, is_base: bool,
+                reference=None, keep=None) -> dict:
+    """Perplexity on the recipe's text file in the row's engine and, against the baseline's log-probabilities
+    (`reference`), KL and top-1 agreement (the baseline's own: 0 and 100%)."""
     from eval import perplexity
-    from eval.engines import llamacpp as cpp
 
     data_dir = Path(ev.data_dir).expanduser()
     ids = _ppl_ids(ev, tok, shared)
-    scorer = cpp.load(folder / gguf["file"], ev.perplexity.context) if gguf else model
     try:
-        p = perplexity.evaluate_tokens(scorer, ids, context=ev.perplexity.context, stride=ev.perplexity.stride,
-                                       max_windows=ev.perplexity.max_windows, reference=reference, keep=keep)
+        with engine.scorer(ev.perplexity.context, model) as scorer:
+            p = perplexity.evaluate_tokens(scorer, ids, context=ev.perplexity.context, stride=ev.perplexity.stride,
+                                           max_windows=ev.perplexity.max_windows, reference=reference, keep=keep)
     finally:
-        if gguf:
-            scorer.close()
         if reference is not None:
             reference.close()
     kl = p.pop("kl", None) if not is_base else {"mean": 0.0, "stderr": 0.0, "top1_agreement": 1.0,
                                                           "tokens": p["tokens"]}
-    engine = "llama.cpp" if gguf else "transformers"
     log.info("stage perplexity: %s ppl %.3f, KL %.4g over %d tokens (%s)", name, p["value"],
-             kl["mean"] if kl else float("nan"), p["tokens"], engine)
-    return {"perplexity": {**p, "file": str(data_dir / ev.perplexity.file), "engine": engine}, "kl": kl}
+             kl["mean"] if kl else float("nan"), p["tokens"], engine.engine.name)
+    return {"perplexity": {**p, "file": str(data_dir / ev.perplexity.file), "engine": engine.engine.name}, "kl": kl}
 
 
 def measure_speed(ev: Evaluation, record: dict, base: dict | None, base_measured: dict | None, device: str,
@@ -369,20 +369,11 @@ def measure_speed(ev: Evaluation, record: dict, base: dict | None, base_measured
         return {}
     seconds: dict[str, float] = {}
     with timed(seconds, "throughput"):
-        out = _throughput(ev.throughput, name, Path(record["checkpoint"]), record.get("gguf"), device, dtype)
+        out = _throughput(ev.throughput, name, for_row(record), device, dtype)
     if base is not None and name != base["name"] and (base_measured or {}).get("throughput"):
         with timed(seconds, "speed_ratio"):
             out["speed_ratio"] = _ratio(ev.throughput, record, base, base_measured, out, device, dtype)
     return {**out, "speed_seconds": seconds}
-
-
-def _spec(record: dict, t, device: str, dtype) -> dict:
-    """How eval/interleaved opens a row: its engine and where its weights are."""
-    folder, gguf = Path(record["checkpoint"]), record.get("gguf")
-    if gguf:
-        return {"engine": "llama.cpp", "path": str(folder / gguf["file"]), "threads": t.llamacpp_threads}
-    return {"engine": "transformers", "folder": str(folder), "device": device,
-            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _ratio(t, record: dict, base: dict, base_measured: dict, speed: dict, device: str, dtype) -> dict:
@@ -407,7 +398,8 @@ def _ratio(t, record: dict, base: dict, base_measured: dict, speed: dict, device
                            f"free: the interleaved ratio needs both loaded at once"}
     log.info("stage speed-ratio: %s vs %s, %d interleaved rounds (batch 1, own process)", name, base["name"],
              t.rounds)
-    out = speed_ratio_in_subprocess(_spec(base, t, device, dtype), _spec(record, t, device, dtype),
+    out = speed_ratio_in_subprocess(for_row(base).decoder_spec(t, device, dtype),
+                                    for_row(record).decoder_spec(t, device, dtype),
                                     prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, rounds=t.rounds,
                                     retries=t.retries, threshold=t.contention_threshold)
     log.info("stage speed-ratio: %s %.3fx the baseline [%.3f, %.3f] (%s)%s", name, out["ratio"], out["ratio_lo"],
@@ -415,7 +407,7 @@ def _ratio(t, record: dict, base: dict, base_measured: dict, speed: dict, device
     return out
 
 
-def _throughput(t, name: str, folder: Path, gguf: dict | None, device: str, dtype) -> dict:
+def _throughput(t, name: str, engine: Row, device: str, dtype) -> dict:
     """Decode benchmark in the row's engine, in its own process, between two bandwidth probes; the roofline of each
     batch size against their mean (a shared host's bandwidth drifts). Contended timed runs are timed again
     (`t.retries`), and a row that never got a quiet machine is flagged."""
@@ -426,20 +418,7 @@ def _throughput(t, name: str, folder: Path, gguf: dict | None, device: str, dtyp
     shape = {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens, "repeats": t.repeats,
              "retries": t.retries, "threshold": t.contention_threshold,
              "bandwidth_bytes_per_sec": bandwidth["bytes_per_sec"]}
-    if gguf:
-        from eval.engines.llamacpp import decode_benchmark_in_subprocess
-
-        log.info("stage throughput: %s with llama.cpp (%s threads), %d prompt + %d new tokens, batch 1, "
-                 "%d repeats (own process)", name, t.llamacpp_threads or "all", t.prompt_tokens, t.new_tokens,
-                 t.repeats)
-        bench = decode_benchmark_in_subprocess(folder / gguf["file"], threads=t.llamacpp_threads, **shape)
-    else:
-        from eval.engines.transformers import benchmark_checkpoint_in_subprocess
-
-        log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
-                 name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
-        bench = benchmark_checkpoint_in_subprocess(folder, batch_sizes=t.batch_sizes, device=device,
-                                                   dtype=str(dtype).removeprefix("torch."), **shape)
+    bench = engine.benchmark(name, t, device, dtype, **shape)
     contended = [b for b, r in bench["batches"].items() if r["contention"]["contended"]]
     if contended:
         log.warning("stage throughput: %s batch %s timed under contention (other processes on these cores after "

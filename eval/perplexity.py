@@ -13,8 +13,15 @@ of the next-token distributions, token by token, is far more sensitive (the idea
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from compress.checkpoint import kl_per_token
+from compress.checkpoint import kl_per_token, sha256_file
+
+
+def ppl_file_digest(ev) -> str | None:
+    """The first 16 hex digits of the evaluation's perplexity text's sha256 (None without perplexity): in the keys
+    of every figure measured on it (eval/measure.py, eval/served.py)."""
+    return sha256_file(Path(ev.data_dir).expanduser() / ev.perplexity.file)[:16] if ev.perplexity else None
 
 
 def window_spans(n_tokens: int, context: int, stride: int, max_windows: int | None = None) -> list[tuple]:

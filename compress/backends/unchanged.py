@@ -14,10 +14,7 @@ from pydantic import model_validator
 
 from compress.backends import llmcompressor
 from compress.backends.llmcompressor import PIPELINE
-from compress.options import VariantBase, field_error
-
-
-REFERENCE = "baseline"  # the method of the reference row every table compares against
+from compress.options import REFERENCE, VariantBase, field_error
 
 
 class UnchangedVariant(VariantBase):

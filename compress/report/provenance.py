@@ -139,6 +139,25 @@ def _size(ok: list[dict]) -> list[str]:
     return lines
 
 
+def _scorer(name: str) -> str:
+    from eval.accuracy import SCORERS
+
+    return SCORERS.get(name, name)
+
+
+def _engine_notes(ok: list[dict], section: str, recorded, by: str = "name") -> list[str]:
+    """What each engine (eval/engines.ENGINES) says of the rows it measured in `section`: `recorded(row)` is what the
+    row says measured it, matched against the engine's `by` field (its name, or its lm-eval label)."""
+    from eval.engines import ENGINES
+
+    lines = []
+    for engine in ENGINES.values():
+        rows = [r["name"] for r in ok if recorded(r) == getattr(engine, by)]
+        if rows and section in engine.notes:
+            lines.append(engine.notes[section].format(rows=", ".join(rows)))
+    return lines
+
+
 def _perplexity(ok: list[dict]) -> list[str]:
     lines = _per_setting(_distinct(ok, "perplexity", ("file", "context", "stride", "windows", "tokens")),
                          lambda s: f"perplexity of `{_v(s[0])}`: windows of {_v(s[1])} tokens with stride {_v(s[2])} "
@@ -148,34 +167,25 @@ def _perplexity(ok: list[dict]) -> list[str]:
                                     "and the variant's next-token distributions on the same text, ± its standard "
                                     "error; top-1 agreement = share of those tokens where both models' most likely "
                                     "token is the same", len(ok))
-    on_llamacpp = [r["name"] for r in ok if _get(r, "perplexity", "engine") == "llama.cpp"]
-    if on_llamacpp:
-        lines.append(f"perplexity and KL of {', '.join(on_llamacpp)} come from llama.cpp's logits for the "
-                     f"same token windows (the GGUF file as llama.cpp runs it: quantized weights times 8-bit "
-                     f"activations); the other rows' from transformers; KL always against the baseline's "
-                     f"transformers logits.")
-    return lines
+    return lines + _engine_notes(ok, "perplexity", lambda r: _get(r, "perplexity", "engine"))
 
 
 def _accuracy(ok: list[dict], variants: list[dict], runs: list[dict]) -> list[str]:
     lines = []
     for t in task_names(variants):
         lines += _per_setting(
-            _distinct(ok, "tasks", ("metric", "file", "n", "limit", "num_fewshot", "stderr_method"), sub=t),
+            _distinct(ok, "tasks", ("metric", "file", "n", "limit", "num_fewshot", "stderr_method", "scorer"), sub=t),
             lambda s, t=t: f"{t}: {_v(s[0])} on `{_v(s[1])}`, n = {_v(s[2])} samples (limit {_v(s[3])}), "
                            f"{_v(s[4])}-shot; shown as percent ± stderr"
-                           + (f", stderr {s[5]}" if s[5] else ""), len(ok))
+                           + (f", stderr {s[5]}" if s[5] else "") + (f"; {_scorer(s[6])}" if s[6] else ""),
+            len(ok))
     if lines:
         lines.append("task scores come from lm-eval; the plots' accuracy is the mean over all tasks, and a variant "
                      "missing a task has none.")
         lines.append("recovery = variant score / baseline score in percent, per task and averaged, with the 95% "
                      "confidence interval of the evaluation's bootstrap over documents, paired across variants "
                      "(every variant answers the same ones).")
-        dequantized = [r["name"] for r in ok if r.get("tasks_engine", "").startswith("transformers, GGUF")]
-        if dequantized:
-            lines.append(f"task scores of {', '.join(dequantized)}: lm-eval needs a transformers model, so they "
-                         f"read the GGUF file dequantized on load (the same weights, in fp32 arithmetic, without "
-                         f"llama.cpp's 8-bit activations).")
+        lines += _engine_notes(ok, "tasks", lambda r: r.get("tasks_engine"), by="tasks")
     if any(run.get("evaluation") for run in runs):
         lines += _per_run(runs, lambda run: ["evaluation settings: " + ", ".join(
             f"{k} {_v(v)}" for k, v in (run.get("evaluation") or {}).items()) or DASH])
@@ -201,10 +211,7 @@ def _throughput_line(s: tuple) -> str:
 
 def _throughput(ok: list[dict]) -> list[str]:
     lines = _per_setting(_distinct(ok, "throughput", THROUGHPUT_SETTINGS), _throughput_line, len(ok))
-    if any(_get(r, "throughput", "engine") == "llama.cpp" for r in ok):
-        lines.append("llama.cpp rows: one process per GGUF file, greedy decode of exactly the same number of tokens "
-                     "after a prompt of the same length (the same sentence, tokenized by llama.cpp), batch 1 only; "
-                     "peak memory includes the memory-mapped file pages it touched.")
+    lines += _engine_notes(ok, "throughput", lambda r: _get(r, "throughput", "engine"))
     if any(r.get("bnb") for r in ok):
         lines.append("bitsandbytes rows run in transformers with bitsandbytes' CPU kernels, which dequantize the "
                      "4-bit/8-bit weights inside every matmul.")

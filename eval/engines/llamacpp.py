@@ -9,12 +9,43 @@ users get.
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from compress import llamacpp
 from eval import contention
 from eval.throughput import PROMPT_SENTENCE, check_new_tokens, process_memory, repeat_prompt, roofline, timed_runs
+
+log = logging.getLogger("compress")
+
+
+def key_settings(settings: dict) -> dict:
+    """The settings a GGUF row's figures depend on: llama.cpp's attention kernel changes its logits and speed."""
+    return {**settings, "llamacpp_flash_attention": llamacpp.FLASH_ATTENTION}
+
+
+@contextmanager
+def scorer(row, context: int, model):
+    """Perplexity from llama.cpp on the row's GGUF file, closed after the block (`model` is not used)."""
+    gguf = load(row.path, context)
+    try:
+        yield gguf
+    finally:
+        gguf.close()
+
+
+def decoder_args(row, t, device: str, dtype: str) -> dict:
+    """`open_decoder`'s arguments for this row (eval/engines.Row.decoder_spec)."""
+    return {"path": str(row.path), "threads": t.llamacpp_threads}
+
+
+def benchmark(row, name: str, t, device: str, dtype: str, **shape) -> dict:
+    """`decode_benchmark` of the row's GGUF file with `t.llamacpp_threads`, in its own process (batch 1)."""
+    log.info("stage throughput: %s with llama.cpp (%s threads), %d prompt + %d new tokens, batch 1, %d repeats "
+             "(own process)", name, t.llamacpp_threads or "all", t.prompt_tokens, t.new_tokens, t.repeats)
+    return decode_benchmark_in_subprocess(row.path, threads=t.llamacpp_threads, **shape)
 
 
 def load(path: Path, context: int) -> llamacpp.GGUFModel:

@@ -9,11 +9,39 @@ fused int4 kernels is a different measurement.
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from eval import contention
 from eval.throughput import PROMPT_SENTENCE, _sync, check_new_tokens, process_memory, repeat_prompt, roofline, timed_runs
+
+log = logging.getLogger("compress")
+
+
+def key_settings(settings: dict) -> dict:
+    """The settings a transformers row's figures depend on: all but llama.cpp's."""
+    return {k: v for k, v in settings.items() if not k.startswith("llamacpp_")}
+
+
+@contextmanager
+def scorer(row, context: int, model):
+    """Perplexity from the loaded model itself (eval/engines.Row.scorer)."""
+    yield model
+
+
+def decoder_args(row, t, device: str, dtype: str) -> dict:
+    """`open_decoder`'s arguments for this row (eval/engines.Row.decoder_spec)."""
+    return {"folder": str(row.folder), "device": device, "dtype": dtype}
+
+
+def benchmark(row, name: str, t, device: str, dtype: str, **shape) -> dict:
+    """`benchmark_checkpoint` of the row's folder at `t.batch_sizes`, in its own process."""
+    log.info("stage throughput: %s, %d prompt + %d new tokens, batches %s, %d repeats (own process)",
+             name, t.prompt_tokens, t.new_tokens, t.batch_sizes, t.repeats)
+    return benchmark_checkpoint_in_subprocess(row.folder, batch_sizes=t.batch_sizes, device=device, dtype=dtype,
+                                              **shape)
 
 
 def load_checkpoint(folder: Path, dtype, device: str, gguf_file: str | None = None):

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from compress import gguf_file, llamacpp  # noqa
+from compress import build as build_mod  # noqa
 from compress import run as run_mod  # noqa
 from compress.backends import gguf as gguf_backend  # noqa
 from eval.engines import llamacpp as cpp_engine  # noqa: E402
@@ -183,8 +184,8 @@ def test_gguf_rows_through_the_pipeline(tmp_path, tiny_llama_tok_model, calib_fi
     orig = perplexity.evaluate_tokens
     monkeypatch.setattr(perplexity, "evaluate_tokens", lambda *a, **k: measured.append(1) or orig(*a, **k))
     built = []
-    real_build = run_mod.build
-    monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
+    real_build = build_mod.build
+    monkeypatch.setattr(build_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert built == [] and measured == []  # second run: every checkpoint and figure reused
     timed = []

@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from compress import checkpoint, ownership
+from compress import build as build_mod
 from compress import run as run_mod
 from compress.recipe import load_recipe
 from conftest import write_recipe
@@ -58,8 +59,8 @@ def test_interrupted_run_resumes_and_second_run_is_noop(tmp_path, tiny_model, ca
     monkeypatch.setattr(checkpoint, "finalize", real_finalize)
 
     built = []
-    real_build = run_mod.build
-    monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
+    real_build = build_mod.build
+    monkeypatch.setattr(build_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
     assert _run(recipe) == 0
     assert built == ["gptq", "fp8"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
@@ -97,8 +98,8 @@ def test_changed_variant_or_corrupted_checkpoint_is_rebuilt(tmp_path, tiny_model
     recipe = write_recipe(tmp_path, tiny_model, calib_file, VARIANTS[:3])
     assert _run(recipe) == 0
     built = []
-    real_build = run_mod.build
-    monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
+    real_build = build_mod.build
+    monkeypatch.setattr(build_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
 
     (tmp_path / "run" / "rtn" / "tokenizer.json").write_text("{}")  # corrupt one file: sha256 no longer matches
     recipe = write_recipe(tmp_path, tiny_model, calib_file,

@@ -7,6 +7,7 @@ from math import comb
 
 import pytest
 
+from eval.engines import for_row
 from eval.interleaved import interleave, median_interval, speed_ratio, verdict
 from conftest import burners
 
@@ -51,8 +52,8 @@ def test_identical_checkpoints_show_no_measurable_difference(tiny_model, tmp_pat
     """The issue's test: the interleaved ratio of two identical checkpoints has an interval containing 1.0."""
     twin = tmp_path / "twin"
     shutil.copytree(tiny_model, twin)
-    spec = {"engine": "transformers", "device": "cpu", "dtype": "float32"}
-    out = speed_ratio({**spec, "folder": str(tiny_model)}, {**spec, "folder": str(twin)}, prompt_tokens=16,
+    a, b = (for_row({"checkpoint": str(f)}).decoder_spec(None, "cpu", "float32") for f in (tiny_model, twin))
+    out = speed_ratio(a, b, prompt_tokens=16,
                       new_tokens=64, rounds=8, retries=24)  # retries: short bursts of kernel work right after the
     # vLLM tests (10-25% of a core in a window, seen in a full local run) contended all of 8 retries once
     assert out["ratio_lo"] <= 1.0 <= out["ratio_hi"] and out["verdict"] == "no measurable difference"
@@ -65,10 +66,10 @@ def test_under_a_cpu_burner_the_ratio_holds_and_the_row_is_flagged(tiny_model, t
     and the ratio is flagged, but taken within rounds it still says what a quiet machine says (no difference)."""
     twin = tmp_path / "twin"
     shutil.copytree(tiny_model, twin)
-    spec = {"engine": "transformers", "device": "cpu", "dtype": "float32"}
+    a, b = (for_row({"checkpoint": str(f)}).decoder_spec(None, "cpu", "float32") for f in (tiny_model, twin))
     halt = burners()
     try:
-        out = speed_ratio({**spec, "folder": str(tiny_model)}, {**spec, "folder": str(twin)}, prompt_tokens=16,
+        out = speed_ratio(a, b, prompt_tokens=16,
                           new_tokens=200, rounds=8, retries=2)
     finally:
         halt()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from compress import checkpoint
+from compress import build as build_mod
 from compress import run as run_mod
 from compress.cli import main
 from compress.recipe import load_recipe
@@ -97,8 +98,8 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert measured == [] and len(timed) == 6  # a changed throughput setting re-times, re-scores nothing
     built = []
-    real_build = run_mod.build
-    monkeypatch.setattr(run_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
+    real_build = build_mod.build
+    monkeypatch.setattr(build_mod, "build", lambda job, v: built.append(v.name) or real_build(job, v))
     recipe = _recipe(tmp_path, tiny_model, calib_file, data_dir, {"limit": 12})
     assert run_mod.run(load_recipe(recipe), recipe) == 0
     assert len(measured) == 3  # a changed evaluation setting re-measures every variant
@@ -128,10 +129,10 @@ def test_speed_key_covers_the_bandwidth_probe_and_the_baseline_and_the_eval_key_
     without = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"}, throughput=None)
     fewer = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
                        throughput={"prompt_tokens": 8, "new_tokens": 4, "rounds": 4})
-    row, base = {"name": "q", "cache_key": "ckpt"}, {"name": "baseline", "cache_key": "base"}
+    row, base = {"name": "q", "cache_key": "ckpt", "checkpoint": "ckpt"}, {"name": "baseline", "cache_key": "base"}
     assert evaluate.speed_key(without, row, base, "cpu") is None
-    assert evaluate.eval_key(with_tp, "ckpt", "cpu") == evaluate.eval_key(without, "ckpt", "cpu") \
-        == evaluate.eval_key(fewer, "ckpt", "cpu")
+    assert evaluate.eval_key(with_tp, row, "cpu") == evaluate.eval_key(without, row, "cpu") \
+        == evaluate.eval_key(fewer, row, "cpu")
     before = evaluate.speed_key(with_tp, row, base, "cpu")
     assert before != evaluate.speed_key(fewer, row, base, "cpu")
     assert before != evaluate.speed_key(with_tp, row, {**base, "cache_key": "another"}, "cpu")
@@ -148,7 +149,9 @@ def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeyp
 
     ev = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
                     throughput={"prompt_tokens": 8, "new_tokens": 4})
-    before = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    rows = [{"cache_key": "ckpt", "checkpoint": "ckpt", "gguf": {"file": "model.gguf"}},
+            {"cache_key": "ckpt", "checkpoint": "ckpt"}]
+    before = [evaluate.eval_key(ev, r, "cpu") for r in rows]
     monkeypatch.setattr(llamacpp, "FLASH_ATTENTION", not llamacpp.FLASH_ATTENTION)
-    after = [evaluate.eval_key(ev, "ckpt", "cpu", gguf=g) for g in (True, False)]
+    after = [evaluate.eval_key(ev, r, "cpu") for r in rows]
     assert after[0] != before[0] and after[1] == before[1]

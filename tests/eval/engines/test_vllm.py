@@ -20,7 +20,7 @@ import pytest
 
 from compress.options import InputError
 from conftest import build_tiny_model, perplexity_data, write_recipe
-from eval import agreement, served
+from eval import agreement, served, served_row, served_setup
 from eval.engines import vllm, vllm_env
 
 LOG = """\
@@ -125,10 +125,10 @@ def test_every_cpu_server_keeps_the_checkpoints_scheme_and_a_runtime_path_sets_i
     from compress.options import VLLMSettings
 
     s = VLLMSettings()
-    own = served.env_vars(s, env)
+    own = served_setup.env_vars(s, env)
     assert own["VLLM_CPU_INT4_W4A8"] == "0" and own["COMPRESS_VLLM_PROBE"] == "1"
-    assert served.env_vars(s, env, "w4a8")["VLLM_CPU_INT4_W4A8"] == "1"
-    assert "VLLM_CPU_INT4_W4A8" not in served.env_vars(s, {"build": "cuda"})
+    assert served_setup.env_vars(s, env, "w4a8")["VLLM_CPU_INT4_W4A8"] == "1"
+    assert "VLLM_CPU_INT4_W4A8" not in served_setup.env_vars(s, {"build": "cuda"})
     w4a16 = {"config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}, "input_activations": None}}}
     nvfp4a16 = {"config_groups": {"g": {"weights": {"num_bits": 4, "type": "float"}, "input_activations": None}}}
     w8a8 = {"config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}, "input_activations": {
@@ -143,10 +143,10 @@ def test_a_runtime_path_says_why_it_does_not_apply(tmp_path):
         "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}, "input_activations": None}}}}))
     row = {"checkpoint": str(tmp_path), "scheme": "W4A16-g64"}
     amd = {"model": "AMD EPYC 9R14", "flags": ["avx512f", "avx512_bf16"]}
-    why = served.runtime_not_here("w4a8", row, amd, "cpu")
+    why = served_setup.runtime_not_here("w4a8", row, amd, "cpu")
     assert "amx_tile" in why and "AMD EPYC 9R14" in why and "avx512_bf16" in why
-    assert served.runtime_not_here("w4a8", row, {"flags": ["amx_tile"]}, "cpu") is None
-    assert "W8A8" in served.runtime_not_here("w4a8", {**row, "checkpoint": str(tmp_path / "none"), "scheme": "W8A8"},
+    assert served_setup.runtime_not_here("w4a8", row, {"flags": ["amx_tile"]}, "cpu") is None
+    assert "W8A8" in served_setup.runtime_not_here("w4a8", {**row, "checkpoint": str(tmp_path / "none"), "scheme": "W8A8"},
                                              {"flags": ["amx_tile"]}, "cpu")
 
 
@@ -182,15 +182,74 @@ def test_served_weight_bytes_counts_float_tensors_at_the_served_dtype(tmp_path):
 
     save_file({"w": torch.zeros(4, 8), "q": torch.zeros(4, 2, dtype=torch.int32), "s": torch.zeros(4, dtype=torch.bfloat16)},
               str(tmp_path / "model.safetensors"))
-    assert served.served_weight_bytes(tmp_path, "float32") == 32 * 4 + 8 * 4 + 4 * 4
-    assert served.served_weight_bytes(tmp_path, "bfloat16") == 32 * 2 + 8 * 4 + 4 * 2
+    assert served_row.served_weight_bytes(tmp_path, "float32") == 32 * 4 + 8 * 4 + 4 * 4
+    assert served_row.served_weight_bytes(tmp_path, "bfloat16") == 32 * 2 + 8 * 4 + 4 * 2
 
 
 def test_not_served_rows_say_why():
-    assert "llama.cpp" in served.not_served({"gguf": {"file": "x.gguf"}})
-    assert "int8" in served.not_served({"kv_cache": {"dtype": "int8"}, "kv_in_checkpoint": False})
-    assert served.not_served({"kv_cache": {"dtype": "fp8"}, "kv_in_checkpoint": True}) is None
-    assert served.not_served({"name": "x"}) is None
+    assert "llama.cpp" in served_setup.not_served({"gguf": {"file": "x.gguf"}})
+    assert "int8" in served_setup.not_served({"kv_cache": {"dtype": "int8"}, "kv_in_checkpoint": False})
+    assert served_setup.not_served({"kv_cache": {"dtype": "fp8"}, "kv_in_checkpoint": True}) is None
+    assert served_setup.not_served({"name": "x"}) is None
+
+
+class _SlowServer:
+    """A server whose 4-token probe takes `seconds` (or never answers: TimeoutError after the timeout it is given)."""
+
+    def __init__(self, folder: Path, seconds: float | None):
+        self.folder, self.seconds, self.load_s, self.flags, self.timeouts = folder, seconds, 1.0, [], []
+
+    def log(self) -> str:
+        return LOG
+
+    def stream(self, payload: dict, timeout_s: float = 600):
+        self.timeouts.append(timeout_s)
+        if self.seconds is None:
+            raise TimeoutError("timed out")
+        return 0.0, [self.seconds / 4 * (i + 1) for i in range(4)], 4
+
+    def greedy(self, *a, **k):
+        raise AssertionError("a too-slow row is measured no further")
+
+
+@pytest.mark.parametrize("seconds, floor, status", [(2.0, None, "too slow"), (None, None, "too slow"),
+                                                    (0.1, None, "measured"), (2.0, 1.0, "measured")])
+def test_the_speed_probe_stops_a_row_too_slow_to_measure(tmp_path, seconds, floor, status):
+    """Never wait on what is known to fail: a probe below the floor (half the SLO's per-user pace by default, or
+    min_tok_per_sec) or with no token back within probe_timeout_s makes the row "too slow", with its speed and
+    kernel, and nothing else is asked of the server; a faster one goes on to be measured."""
+    from types import SimpleNamespace
+
+    from compress.options import Evaluation
+
+    ev = Evaluation(tasks=[], perplexity=None, vllm={"min_tok_per_sec": floor, "probe_timeout_s": 5})
+    server = _SlowServer(tmp_path, seconds)
+    tokenizer = lambda text: SimpleNamespace(input_ids=[1, 2, 3])  # noqa: E731
+    call = lambda: served_row.measure(server, ev=ev, record={"name": "fp8", "checkpoint": str(tmp_path)},  # noqa: E731
+                                      tokenizer=tokenizer, ppl_ids=None, reference={}, run_dtype="float32",
+                                      bandwidth=None)
+    if status == "measured":
+        with pytest.raises(AssertionError, match="measured no further"):
+            call()
+        return
+    out = call()
+    assert out["status"] == "too slow" and "CPUWNA16LinearKernel" in out["reason"] and set(server.timeouts) == {5}
+    if seconds is None:
+        assert out["probe_timeout_s"] == 5 and "no token back within 5 s" in out["reason"]
+    else:
+        assert out["probe_tok_per_sec"] == pytest.approx(2.0) and "half the SLO's per-user pace" in out["reason"]
+
+
+def test_a_cached_too_slow_row_is_measured_again_once_the_settings_let_it_through():
+    from compress.options import VLLMSettings
+
+    slow, timed_out = {"status": "too slow", "probe_tok_per_sec": 2.0}, {"status": "too slow", "probe_timeout_s": 60}
+    assert served._still_too_slow({"status": "ok"}, VLLMSettings()) is None
+    assert served._still_too_slow(slow, VLLMSettings()) is True  # 2 tok/s < 5, half of 1 / 100 ms
+    assert served._still_too_slow(slow, VLLMSettings(min_tok_per_sec=1)) is False
+    assert served._still_too_slow(slow, VLLMSettings(min_tok_per_sec=0)) is False
+    assert served._still_too_slow(timed_out, VLLMSettings()) is True
+    assert served._still_too_slow(timed_out, VLLMSettings(probe_timeout_s=600)) is False
 
 
 def test_a_rows_key_holds_its_own_lm_eval_pass_only():
@@ -203,7 +262,7 @@ def test_a_rows_key_holds_its_own_lm_eval_pass_only():
 
     def keys(**ev) -> dict[str, str]:
         e = Evaluation(tasks=["arc_easy"], perplexity=None, **ev)
-        return {n: served.key(e, r, rows["baseline"], env, "cpu") for n, r in rows.items()}
+        return {n: served_setup.key(e, r, rows["baseline"], env, "cpu") for n, r in rows.items()}
 
     one = keys(vllm={"tasks": ["gptq"]})
     two = keys(vllm={"tasks": ["gptq", "baseline"]})
