@@ -282,8 +282,8 @@ def measure_task(state, name: str, built: tuple, base_built: tuple | None, base_
         base = record  # the baseline's own measurement: its KL is 0, and it saves the others' KL reference
     else:
         base = base_built[0] if base_built and base_built[0]["status"] == "ok" else None
-    records = {name: record, **({base["name"]: base} if base and base is not record else {})}
-    measured = {base["name"]: base_measured[0]} if base is not record and base and base_measured else {}
+    records = {name: record, **({base["name"]: base} if base else {})}
+    measured = {base["name"]: base_measured[0]} if base and base_measured else {}  # None for the baseline's own
     measure_rows(state.recipe, state.output, records, [name], base["name"] if base else None, measured, state.device,
                  state.dtype, state.remeasure_speed, keep_reference=not state.only_baseline)
     if name not in measured:

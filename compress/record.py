@@ -186,8 +186,8 @@ class ServedLevel(_Block):
 
 class Served(_Block):
     """eval/served.py: the variant served by vLLM and measured there; `status` ok, failed (vLLM's `reason`),
-    "too slow" (served, but its probe was below evaluation.vllm's floor or timed out: its speed and kernel only) or skipped (why this row is not for
-    vLLM)."""
+    "too slow" (served, but its probe was below evaluation.vllm's floor or timed out: its speed and kernel only) or
+    skipped (why this row is not for vLLM)."""
 
     status: str
     reason: str | None = None

@@ -75,9 +75,8 @@ def score(model, batch: list[tuple[list[int], list[list[int]]]], pad_id: int) ->
     import torch
     import torch.nn.functional as F
 
-    dtype = next(model.parameters()).dtype
-    ids, pos, mask, where = pack(batch, pad_id, dtype)
-    device = next(model.parameters()).device
+    ids, pos, mask, where = pack(batch, pad_id, model.dtype)  # the model's float dtype, whatever its packed weights
+    device = model.device
     # the output layer only from the first position any continuation needs: the vocabulary-wide logits of the
     # contexts' other positions are never read (transformers' `logits_to_keep`: the last n positions)
     start = min(len(ctx) for ctx, _ in batch) - 1
