@@ -165,9 +165,12 @@ def _gguf_serve_lines(record: dict, folder: Path) -> list[str]:
 def _evaluation_rows(record: dict) -> list[str]:
     """Table rows for the figures the evaluation stage measured on this checkpoint (none before it has run)."""
     rows = []
+    # the dtypes transformers computed the figures in (evaluation.dtype), where the row records them
+    measured_in = record.get("measured_dtype") or {}
+    ppl_in, tasks_in = (f", in {measured_in[k]}" if measured_in.get(k) else "" for k in ("perplexity", "tasks"))
     if p := record.get("perplexity"):
         rows.append(f"| perplexity, `{Path(p['file']).name}` ({p['windows']} windows x {p['context']} tokens, stride "
-                    f"{p['stride']}, {p['tokens']:,} tokens) | {p['value']:.3f} |")
+                    f"{p['stride']}, {p['tokens']:,} tokens{ppl_in}) | {p['value']:.3f} |")
     if (kl := record.get("kl")) and record["method"] != REFERENCE:
         rows.append(f"| KL divergence from the baseline, same tokens (nats/token) | {kl['mean']:.4f} "
                     f"± {kl['stderr']:.4f} |")
@@ -176,7 +179,7 @@ def _evaluation_rows(record: dict) -> list[str]:
         score = f"{t['value']:.4g}" if t["metric"] == "word_perplexity" else f"{100 * t['value']:.1f} %"
         err = "" if t.get("stderr") is None else (f" ± {100 * t['stderr']:.1f}" if t["metric"] != "word_perplexity"
                                                    else f" ± {t['stderr']:.3g}")
-        rows.append(f"| {task} {t['metric']} (lm-eval, {t['num_fewshot']}-shot, n = {t['n']}) | {score}{err} |")
+        rows.append(f"| {task} {t['metric']} (lm-eval, {t['num_fewshot']}-shot, n = {t['n']}{tasks_in}) | {score}{err} |")
     if avg := (record.get("recovery") or {}).get("average"):
         ci = avg.get("ci95")
         ci_text = f" [{ci[0]:.1f}, {ci[1]:.1f}] (95% CI, paired bootstrap)" if ci else ""

@@ -239,8 +239,9 @@ def load_config(source: Source):
 
 
 def resolve_device_dtype(spec: ModelSpec, cluster_gpus: float | None = None):
-    """'auto' means fp32 on CPU (no bf16 units on the target CPUs; bf16 is emulated and 5-10x slower) and bf16 on
-    GPU. `cluster_gpus`: the GPUs of the Ray cluster the variants run on (compress/cluster.py), whose nodes, not
+    """'auto' builds in fp32 on CPU (the same checkpoints on a CPU with native bf16 and on one that emulates it,
+    where bf16 is several times slower; transformers may still measure them in bf16: evaluation.dtype) and in bf16
+    on GPU. `cluster_gpus`: the GPUs of the Ray cluster the variants run on (compress/cluster.py), whose nodes, not
     this process, decide: a driver without a GPU still runs a GPU sweep there."""
     import torch
 

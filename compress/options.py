@@ -63,9 +63,12 @@ class Calibration(_Strict):
         `default` shape (VariantBase.default_calibration_shape), else this section's defaults.
 
         Chosen from benchmarks/calibration_sweep.py on SmolLM2-135M (C4, W4A16 g64, 2-core CPU, WikiText-2 test KL to
-        the baseline): GPTQ 16 / 64 / 128 x 512 tokens gave KL 0.363 / 0.310 / 0.304 in 49 / 125 / 235 s, so 64 x 512
-        is the knee. AWQ's grid search costs ~28 ms per calibration token here: 16 x 256 gave KL 0.195 in 117 s,
-        64 x 256 gave 0.189 in 439 s, so AWQ's entry defaults to 16 x 256 unless the recipe sets a shape."""
+        the baseline): for GPTQ, 16 x 512 tokens was clearly worse than 64 x 512 and 128 x 512 barely better but much
+        slower, so 64 x 512 is the knee (benchmarks/results/calibration_gptq_c4_shapes.txt and
+        calibration_gptq_c4_wikitext_basic_vs_sequential.txt). AWQ's grid search costs several times GPTQ's per
+        calibration token, and 64 x 256 bought little over 16 x 256 at several times the time
+        (benchmarks/results/calibration_awq_sources.txt and calibration_awq_c4_shapes.txt), so AWQ's entry defaults
+        to 16 x 256 unless the recipe sets a shape."""
         if default is None:
             return self.samples, self.seq_len
         return (self.samples if "samples" in self.model_fields_set else default[0],
@@ -375,7 +378,8 @@ class VLLMSettings(_Strict):
     # named ({w4a8: [gptq-w4a16]}): a second served row of the same checkpoint, measured in full; every other row
     # is served as its checkpoint declares
     runtime_variants: dict[str, bool | list[str]] = Field(default_factory=dict)
-    # --enforce-eager: loading takes ~30 s instead of ~3 min of torch.compile on a 2-core CPU; the report says so
+    # --enforce-eager: loads several times faster than torch.compile's warm-up on a 2-core CPU, decodes somewhat
+    # slower (benchmarks/results/vllm_cpu_settings_spr_compiled.txt); the report says so
     eager: bool = True
     kv_cache_space_gb: int = Field(2, gt=0)  # VLLM_CPU_KVCACHE_SPACE (CPU builds only; vLLM reads an integer)
     # where vLLM's CPU build runs its OpenMP threads: "all" = every core compress may use, none reserved for the
@@ -486,6 +490,12 @@ class Evaluation(_Strict):
     # its choices (eval/shared_context.py: fewer tokens, the same arithmetic), "lm-eval" runs lm-eval's own loop
     # (one sequence per choice); in the figures' key, and named in the report
     task_scorer: Literal["shared-context", "lm-eval"] = "shared-context"
+    # the float dtype transformers runs the tasks and times the speed in (perplexity and KL stay in the model's
+    # dtype; the checkpoints are the same): "auto" is the model's dtype when it is 16-bit, else bf16 where the device
+    # computes bf16 natively (a GPU; a CPU with AVX512-BF16 or AMX), else the model's dtype
+    # (eval/measure.measure_dtype, where the evidence is cited); in the figures' keys, each row records it
+    # (measured_dtype)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)  # null: skip
     throughput: ThroughputSettings | None = Field(default_factory=ThroughputSettings)  # null: skip
     vllm: VLLMSettings | None = None  # null: no vLLM engine (it needs its own environment, built on first use)

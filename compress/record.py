@@ -304,6 +304,9 @@ class Record(BaseModel):
     kl: KL | None = None
     tasks: dict[str, TaskScore] | None = None
     tasks_engine: str | None = None
+    # the float dtypes transformers computed this row's figures in, and why (evaluation.dtype resolved by
+    # eval/measure.measure_dtype): {"perplexity": "float32" (with KL), "tasks": "bfloat16" (with the speed), "why"}
+    measured_dtype: dict | None = None
     throughput: Throughput | None = None
     speed_ratio: SpeedRatio | None = None
     roofline: Roofline | None = None

@@ -164,7 +164,7 @@ def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
     add_kv_memory(state.recipe, records, config)
     if state.recipe.evaluation.enabled:
         names, base_name = evaluation_order(records)
-        remove_reference(state.recipe, state.output, records.get(base_name), state.device)
+        remove_reference(state.recipe, state.output, records.get(base_name), state.device, state.dtype)
         finish({n: measured[n] for n in names if n in measured}, records, base_name)
         for key, value in run_info(state.recipe.evaluation, measured).items():
             setattr(results, key, value)

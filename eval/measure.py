@@ -86,21 +86,31 @@ def evaluation_files(ev: Evaluation) -> set[Path]:
     return files
 
 
-def eval_key(ev: Evaluation, record: dict, device: str) -> str:
+def eval_key(ev: Evaluation, record: dict, device: str, tasks_dtype) -> str:
     """The key of a variant's perplexity, KL and task figures: what they depend on (its checkpoint, the evaluation
-    settings and what its engine adds to them, the data, lm-eval), and nothing about speed."""
+    settings and what its engine adds to them, the dtype the tasks are computed in, the data, lm-eval), and nothing
+    about speed."""
     import lm_eval
 
     settings = for_row(record).key_settings(
-        ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm"}))
+        ev.model_dump(exclude={"selfcheck_prompts", "selfcheck_max_abs_diff", "throughput", "vllm", "dtype"}))
     blob = {"format": EVAL_FORMAT, "checkpoint": record["cache_key"], "settings": settings, "device": device,
+            **_measured_in(tasks_dtype),
             "lm_eval": lm_eval.__version__,
             "task_files": {p.name: sha256_file(p)[:16] for p in sorted(TASKS_DIR.iterdir()) if p.is_file()},
             "ppl_file": ppl_file_digest(ev)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str) -> str | None:
+def _measured_in(tasks_dtype) -> dict:
+    """The tasks' and speed's dtype (measure_dtype) as part of a key: none for fp32, so figures measured in fp32
+    before evaluation.dtype existed keep their keys (and caches). Perplexity and KL are computed in the model's
+    dtype, which the checkpoint's key holds."""
+    name = str(tasks_dtype).removeprefix("torch.")
+    return {} if name == "float32" else {"tasks_dtype": name}
+
+
+def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str, tasks_dtype) -> str | None:
     """The key of a variant's speed figures: its checkpoint, the baseline it is interleaved with, the throughput
     settings as its engine reads them, the bandwidth probe; None when throughput is off."""
     if ev.throughput is None:
@@ -111,7 +121,7 @@ def speed_key(ev: Evaluation, record: dict, base: dict | None, device: str) -> s
     settings = for_row(record).key_settings(ev.throughput.model_dump())
     blob = {"format": SPEED_FORMAT, "checkpoint": record["cache_key"], "device": device, "settings": settings,
             "baseline": base["cache_key"] if base and base["name"] != record["name"] else None,
-            "bandwidth_probe": BANDWIDTH_PROBE, "ratio_method": METHOD}
+            "bandwidth_probe": BANDWIDTH_PROBE, "ratio_method": METHOD, **_measured_in(tasks_dtype)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -135,6 +145,39 @@ def evaluation_order(records: dict[str, dict]) -> tuple[list[str], str | None]:
     return names, next((n for n in names if records[n]["method"] == REFERENCE), None)
 
 
+# the /proc/cpuinfo flags of a CPU that computes bf16 matrix products natively (AMX tiles; Zen 4's AVX512-BF16)
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def measure_dtype(ev: Evaluation, device: str, model_dtype) -> tuple:
+    """The float dtype transformers runs the tasks and times the speed in (evaluation.dtype), and why, as the report
+    says it. Perplexity and KL stay in the model's own dtype.
+
+    "auto" keeps a 16-bit model's own dtype and runs an fp32 model's tasks in bf16 where the device computes bf16
+    natively: a GPU, or a CPU with AMX or AVX512-BF16 (both CPUs this project runs on). There bf16 is faster than
+    fp32 rather than emulated, and it is what a served checkpoint computes in. The checkpoints do not change (an
+    fp32 baseline stays fp32 on disk); only the arithmetic of the measurement does, so the figures' keys carry it.
+    Why tasks but not KL: on the whole lab in both precisions, every task score stayed well within its stderr while
+    the 8-bit rows' KL moved by several of its (much narrower) stderrs, bf16's own rounding added to the variant's
+    (benchmarks/results/lab_bf16_vs_fp32_epyc.md, benchmarks/compare_precision.py; what it saves there too). Elsewhere
+    "auto" keeps the model's dtype: emulated bf16 is several times slower than fp32."""
+    import torch
+
+    from compress.environment import cpu_features
+
+    own = str(model_dtype).removeprefix("torch.")
+    if ev.dtype != "auto":
+        return getattr(torch, ev.dtype), f"evaluation.dtype {ev.dtype}"
+    if model_dtype in (torch.bfloat16, torch.float16):
+        return model_dtype, f"auto: the model's own dtype ({own})"
+    if device == "cuda":
+        return torch.bfloat16, "auto: a GPU computes bf16 natively"
+    native = [f for f in NATIVE_BF16_FLAGS if f in cpu_features()["flags"]] if device == "cpu" else []
+    if native:
+        return torch.bfloat16, f"auto: this CPU computes bf16 natively ({', '.join(native)}); checkpoints as saved ({own})"
+    return model_dtype, f"auto: the model's dtype ({own}); this {device} has no native bf16"
+
+
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,
                  remeasure_speed: bool = False, on_row=None) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
@@ -144,7 +187,7 @@ def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device:
     measured: dict[str, dict] = {}
     measure_rows(recipe, output, records, names, base_name, measured, device, dtype, remeasure_speed,
                  keep_reference=len(names) > 1, on_row=on_row)
-    remove_reference(recipe, output, records.get(base_name), device)
+    remove_reference(recipe, output, records.get(base_name), device, dtype)
     finish(measured, records, base_name)
     return run_info(recipe.evaluation, measured)
 
@@ -195,19 +238,26 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
     the evaluation key, speed under the speed key. `base_measured`: the baseline's own figures (its speed is every
     ratio's reference), None for the baseline itself. `keep_reference`: the baseline's pass saves its
     log-probabilities for the other rows' KL (ReferenceFile). Used the same way by the serial loop and by a cluster
-    task (compress/cluster.py)."""
+    task (compress/cluster.py). `dtype` is the run's: perplexity and KL are computed in it, the tasks and the speed
+    in `measure_dtype`'s (the vLLM stage keeps the run's: its agreement compares with both)."""
     from compress.environment import release_freed_memory, reset_peak_memory
 
     ev = recipe.evaluation
     shared = {"ppl_ids": None} if shared is None else shared
     name = record["name"]
     (output / "eval").mkdir(exist_ok=True)
-    key = eval_key(ev, record, device)
-    skey = speed_key(ev, record, base, device)
+    tasks_dtype, why = measure_dtype(ev, device, dtype)
+    in_model = for_row(record).engine.scores_in_model  # else another engine computes perplexity and KL (llama.cpp)
+    measured_in = {"perplexity": str(dtype).removeprefix("torch.") if in_model else None,
+                   "tasks": str(tasks_dtype).removeprefix("torch."), "why": why}
+    key = eval_key(ev, record, device, tasks_dtype)
+    skey = speed_key(ev, record, base, device, tasks_dtype)
     path = output / "eval" / f"{name}.json"
     cached = _read_cached(path)
     quality, served = None, {}
     if cached and cached.get("eval_key") == key:
+        # fp32 figures cached before evaluation.dtype existed have its key but not this field
+        cached.setdefault("measured_dtype", measured_in)
         quality = {k: v for k, v in cached.items() if k not in SPEED_FIELDS + SERVED_FIELDS}
         served = {k: cached[k] for k in SERVED_FIELDS if k in cached}  # checked against its own key (eval/served.py)
         if skey is None or (cached.get("speed_key") == skey and not remeasure_speed):
@@ -217,7 +267,9 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
         log.info("stage evaluate: %s from %s", name, record["checkpoint"])
         release_freed_memory()
         reset_peak_memory(device)
-        quality = measure_variant(recipe, output, record, key, device, dtype, base, shared, keep_reference)
+        quality = measure_variant(recipe, output, record, key, device, dtype, tasks_dtype, base, shared,
+                                  keep_reference)
+        quality["measured_dtype"] = measured_in
         # kept before speed is timed: a run killed while timing keeps the tasks it measured
         ownership.write_owned(output, f"eval/{name}.json", json.dumps(quality, indent=2) + "\n")
     else:
@@ -225,32 +277,33 @@ def evaluate_variant(recipe: Recipe, output: Path, record: dict, base: dict | No
     result = {**quality, **served}
     if skey is not None:
         with stop.stage(f"timing {name}'s decode speed"):
-            speed = measure_speed(ev, record, base, base_measured, device, dtype)
+            speed = measure_speed(ev, record, base, base_measured, device, tasks_dtype)
         result = {**quality, **speed, "speed_key": skey, **served}
         ownership.write_owned(output, f"eval/{name}.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
-def reference_rel(ev: Evaluation, base: dict, device: str) -> str:
+def reference_rel(ev: Evaluation, base: dict, device: str, tasks_dtype) -> str:
     """Where the baseline's log-probabilities for KL are kept (eval/perplexity.ReferenceFile), named by the
     baseline's evaluation key: another checkpoint, text or window setting is another file."""
-    return f"eval/{base['name']}.logprobs-{eval_key(ev, base, device)}.f32"
+    return f"eval/{base['name']}.logprobs-{eval_key(ev, base, device, tasks_dtype)}.f32"
 
 
-def remove_reference(recipe: Recipe, output: Path, base: dict | None, device: str) -> None:
+def remove_reference(recipe: Recipe, output: Path, base: dict | None, device: str, dtype) -> None:
     """Every row is measured: delete the baseline's log-probabilities (GBs; a later run that adds a variant makes
     them again in one baseline pass). A run killed before this point keeps them for the rerun."""
     if base is not None and recipe.evaluation.perplexity:
-        rel = reference_rel(recipe.evaluation, base, device)
+        rel = reference_rel(recipe.evaluation, base, device, measure_dtype(recipe.evaluation, device, dtype)[0])
         if ownership.remove_owned(output, rel):
             log.info("stage evaluate: removed %s (the KL reference; every row is measured)", output / rel)
 
 
-def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device: str, dtype, base: dict | None,
-                    shared: dict, keep_reference: bool = True) -> dict:
+def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device: str, dtype, tasks_dtype,
+                    base: dict | None, shared: dict, keep_reference: bool = True) -> dict:
     """One variant's figures, from its checkpoint, in its engine (eval/engines.for_row: GGUF rows' perplexity and KL
     in llama.cpp on the file itself; lm-eval needs a transformers model, so their tasks read the same file
-    dequantized: same weights, fp32 arithmetic). One model in memory at a time: the baseline's pass saves its
+    dequantized: same weights). Perplexity and KL in `dtype`, the tasks in `tasks_dtype` (measure_dtype: the model
+    is loaded again in it when the two differ). One model in memory at a time: the baseline's pass saves its
     log-probabilities to a file (`reference_rel`) that every other row's KL reads; `shared` carries the tokenized
     perplexity text."""
     from transformers import AutoTokenizer
@@ -263,7 +316,8 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
     tok = AutoTokenizer.from_pretrained(engine.folder)
     reference = None
     if ev.perplexity and base is not None and not is_base:
-        reference = _reference(recipe, output, base, device, dtype, tok, shared)  # before this row's model loads
+        # before this row's model loads
+        reference = _reference(recipe, output, base, device, dtype, tasks_dtype, tok, shared)
     seconds: dict[str, float] = {}
     model = None
     if engine.engine.scores_in_model:
@@ -277,7 +331,7 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
     if ev.perplexity:
         with stop.stage(f"measuring {name}'s perplexity"), timed(seconds, "perplexity"):
             if is_base and keep_reference:
-                with ownership.owned_stream(output, reference_rel(ev, base, device)) as write:
+                with ownership.owned_stream(output, reference_rel(ev, base, device, tasks_dtype)) as write:
                     result.update(_perplexity(ev, name, engine, model, tok, shared, is_base=True,
                                               keep=_float32_to(write)))
             else:
@@ -286,9 +340,14 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
     if ev.tasks:
         from eval.accuracy import run_tasks
 
-        if model is None:
+        if model is None or tasks_dtype != dtype:
+            del model
             with timed(seconds, "load"):
-                model = engine.load_model(dtype, device)
+                model = engine.load_model(tasks_dtype, device)
+            if record.get("kv_cache"):
+                from eval.kvcache import apply_kv_cache
+
+                apply_kv_cache(model, record)
         with stop.stage(f"measuring {name}'s tasks (lm-eval)"), timed(seconds, "tasks"):
             result["tasks"] = run_tasks(model, tok, ev.tasks, Path(ev.data_dir).expanduser(),
                                         num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
@@ -312,7 +371,7 @@ def _float32_to(write):
     return lambda logp: write(logp.contiguous().numpy().tobytes())
 
 
-def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok, shared: dict):
+def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tasks_dtype, tok, shared: dict):
     """The baseline's log-probabilities on the perplexity windows (eval/perplexity.ReferenceFile), opened for
     reading; made first (one baseline pass, the baseline alone in memory) when no complete file is there, e.g. when
     the baseline's own figures were reused from a run before this file existed, or it was removed."""
@@ -322,7 +381,7 @@ def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tok
     ev = recipe.evaluation
     p = ev.perplexity
     rows = perplexity.scored_rows(len(_ppl_ids(ev, tok, shared)), p.context, p.stride, p.max_windows)
-    rel = reference_rel(ev, base, device)
+    rel = reference_rel(ev, base, device, tasks_dtype)
     ref = perplexity.ReferenceFile(output / rel)
     if not ref.complete(rows):
         log.info("stage perplexity: writing the baseline's log-probabilities for KL (%s)", output / rel)

@@ -14,20 +14,24 @@ log = logging.getLogger("compress")
 
 
 class Pace:
-    def __init__(self, stage: str, rows: int):
-        self.stage, self.rows, self.done = stage, rows, 0
+    def __init__(self, stage: str, rows: int, spent_s: float = 0.0):
+        """`spent_s`: what the stage spent on all its rows before the first one started (the vLLM stage computes
+        every row's transformers reference first): each row's share of it is counted in the pace, so the first
+        estimate is not low by it."""
+        self.stage, self.rows, self.done, self.upfront_s = stage, rows, 0, spent_s
         self.t0 = self.t_row = time.perf_counter()
 
     def row_done(self, name: str) -> str:
         """Log and return one line: this row's time, the stage's so far, and the estimate of what is left."""
         now = time.perf_counter()
         self.done += 1
-        row_s, spent_s = now - self.t_row, now - self.t0
+        row_s, rows_s = now - self.t_row, now - self.t0
         self.t_row = now
         left = self.rows - self.done
         line = f"stage {self.stage}: {name} done in {row_s / 60:.1f} min ({self.done} of {self.rows} rows, " \
-               f"{spent_s / 60:.1f} min so far)"
+               f"{(rows_s + self.upfront_s) / 60:.1f} min so far)"
         if left:
-            line += f"; about {spent_s / self.done * left / 60:.0f} min left for {left} more at this stage's pace"
+            per_row_s = rows_s / self.done + self.upfront_s / max(self.rows, 1)
+            line += f"; about {per_row_s * left / 60:.0f} min left for {left} more at this stage's pace"
         log.info(line)
         return line

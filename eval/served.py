@@ -137,7 +137,7 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 ppl_ids if ev.vllm.perplexity else None, ev.perplexity, ppl_windows(ev) if ev.perplexity else None)
         reference_s[name] = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="compress-vllm-"))
-    pace = Pace("vllm", len(todo))
+    pace = Pace("vllm", len(todo), spent_s=sum(reference_s.values()))
     try:
         for name, runtime, vkey in todo:
             record = records[name]

@@ -29,7 +29,8 @@ def provenance(results: dict) -> list[tuple[str, list[str]]]:
     variants = results.get("variants") or []
     ok = [r for r in variants if r.get("status", "ok") == "ok"]
     runs = results.get("runs") or [{"dir": None, **{k: v for k, v in results.items() if k != "variants"}}]
-    return [("Model", _model(runs)), ("Compute", _compute(runs, variants)), ("Size and compression", _size(ok)),
+    return [("Model", _model(runs)), ("Compute", _compute(runs, variants) + _measured_in(ok)),
+            ("Size and compression", _size(ok)),
             ("Perplexity and KL", _perplexity(ok) or ["not measured"]),
             ("Accuracy", _accuracy(ok, variants, runs) or ["not measured"]),
             ("Throughput and memory", _throughput(ok) or ["not measured"]), ("Roofline", _roofline(runs)),
@@ -121,6 +122,13 @@ def _compute(runs: list[dict], variants: list[dict]) -> list[str]:
         if diff:
             lines.append(f"{rec['name']} was built with " + ", ".join(f"{k} {v}" for k, v in diff.items()))
     return lines
+
+
+def _measured_in(ok: list[dict]) -> list[str]:
+    """The float dtypes transformers measured each row in (evaluation.dtype, eval/measure.measure_dtype), and why."""
+    return _per_setting(_distinct(ok, "measured_dtype", ("perplexity", "tasks", "why")),
+                        lambda s: f"transformers computed perplexity and KL in {_v(s[0])}, the tasks and the speed in "
+                                  f"{_v(s[1])} ({_v(s[2])})", len(ok))
 
 
 def _size(ok: list[dict]) -> list[str]:
@@ -305,7 +313,7 @@ def _roofline(runs: list[dict]) -> list[str]:
         "roofline: a batch-1 decode step reads every weight and the KV cache once, so tok/s cannot exceed "
         "read bandwidth / (weight bytes + KV bytes); utilisation = measured tok/s at batch 1 / that bound. "
         "Weight bytes = what the engine reads: transformers decompresses compressed-tensors checkpoints to "
-        "the float dtype, so those rows read fp32; llama.cpp reads the GGUF file's tensors as stored "
-        "(its tensor bytes); the KV cache is fp32 in transformers on CPU and F16 in llama.cpp.",
+        "the dtype they are measured in (above); llama.cpp reads the GGUF file's tensors as stored "
+        "(its tensor bytes); the KV cache is in the measured dtype in transformers and F16 in llama.cpp.",
         "A model whose weights fit in the CPU's last-level cache can exceed 100%: the bound assumes every "
         "byte comes from memory."]

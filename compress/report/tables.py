@@ -14,7 +14,7 @@ from compress.backends.unchanged import REFERENCE
 from compress.record import STAGES
 from compress.report.rows import CONTENDED, DASH, MB, _fmt, _get, _pm, baselines, engine_text
 
-# What the edge recipes aim for on a CPU: a 4-bit GGUF file that decodes at least this much faster than the fp32
+# What the edge recipes aim for on a CPU: a 4-bit GGUF file that decodes at least this much faster than the
 # baseline, and at this share of the memory-bandwidth bound (what decode speed can reach at all).
 EDGE_SPEEDUP = 2
 EDGE_UTILISATION = 0.5

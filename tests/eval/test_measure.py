@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from compress import checkpoint
 from compress import build as build_mod
@@ -16,6 +17,7 @@ from conftest import task_data, write_recipe
 VARIANTS = [{"name": "baseline", "method": "baseline"},
             {"name": "rtn-w4", "method": "rtn", "bits": 4, "group_size": 32},
             {"name": "rtn-w8", "method": "rtn", "bits": 8}]
+F32 = torch.float32  # the run dtype keys are taken with where a test is not about it
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,14 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     assert "| perplexity, `text.raw`" in card and "KL divergence from the baseline" in card
     table = card.split("## Measured")[1].split("\n\n")[1]  # one unbroken markdown table
     assert table.startswith("| figure | value |") and "KL divergence" in table and "tok/s" in table
-    assert "arc_easy acc (lm-eval, 0-shot, n = 20)" in card and "tok/s" in card
+    assert "arc_easy acc (lm-eval, 0-shot, n = 20" in card and "tok/s" in card
+    # every row says the dtype transformers computed it in, and why (evaluation.dtype auto: this CPU's bf16 or not)
+    measured_in = w4["measured_dtype"]
+    assert measured_in == base["measured_dtype"] and measured_in["why"].startswith("auto: ")
+    assert measured_in["perplexity"] == "float32" and measured_in["tasks"] in ("float32", "bfloat16")
+    assert f"n = 20, in {measured_in['tasks']})" in card and "tokens, in float32) |" in card
+    assert (f"transformers computed perplexity and KL in float32, the tasks and the speed in {measured_in['tasks']}"
+            in report)
     assert "decode speed ÷ the baseline's (" in card and "interleaved rounds, batch 1) |" in card
     manifest = json.loads((tmp_path / "run" / "rtn-w4" / "manifest.json").read_text())
     assert checkpoint.verify(tmp_path / "run" / "rtn-w4", manifest["cache_key"])  # card refreshed, manifest too
@@ -130,14 +139,42 @@ def test_speed_key_covers_the_bandwidth_probe_and_the_baseline_and_the_eval_key_
     fewer = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
                        throughput={"prompt_tokens": 8, "new_tokens": 4, "rounds": 4})
     row, base = {"name": "q", "cache_key": "ckpt", "checkpoint": "ckpt"}, {"name": "baseline", "cache_key": "base"}
-    assert evaluate.speed_key(without, row, base, "cpu") is None
-    assert evaluate.eval_key(with_tp, row, "cpu") == evaluate.eval_key(without, row, "cpu") \
-        == evaluate.eval_key(fewer, row, "cpu")
-    before = evaluate.speed_key(with_tp, row, base, "cpu")
-    assert before != evaluate.speed_key(fewer, row, base, "cpu")
-    assert before != evaluate.speed_key(with_tp, row, {**base, "cache_key": "another"}, "cpu")
+    assert evaluate.speed_key(without, row, base, "cpu", F32) is None
+    assert evaluate.eval_key(with_tp, row, "cpu", F32) == evaluate.eval_key(without, row, "cpu", F32) \
+        == evaluate.eval_key(fewer, row, "cpu", F32)
+    before = evaluate.speed_key(with_tp, row, base, "cpu", F32)
+    assert before != evaluate.speed_key(fewer, row, base, "cpu", F32)
+    assert before != evaluate.speed_key(with_tp, row, {**base, "cache_key": "another"}, "cpu", F32)
     monkeypatch.setattr(throughput, "BANDWIDTH_PROBE", "another-probe")
-    assert evaluate.speed_key(with_tp, row, base, "cpu") != before
+    assert evaluate.speed_key(with_tp, row, base, "cpu", F32) != before
+
+
+def test_measure_dtype_auto_is_bf16_only_where_computed_natively_and_fp32_keys_stay(data_dir, monkeypatch):
+    """evaluation.dtype "auto" runs an fp32 model's tasks and speed in bf16 on a CPU with native bf16 (AMX or
+    AVX512-BF16) and in fp32 on one without (emulated bf16 is slower); a 16-bit model keeps its dtype; an explicit
+    dtype wins. The dtype enters both keys, except fp32, whose keys are those of the figures measured before the
+    setting existed."""
+    from compress import environment
+    from compress.recipe import Evaluation
+    from eval import measure as evaluate
+
+    ev = Evaluation(data_dir=str(data_dir), tasks=[], perplexity={"file": "text.raw"},
+                    throughput={"prompt_tokens": 8, "new_tokens": 4})
+    flags = {"flags": []}
+    monkeypatch.setattr(environment, "cpu_features", lambda: flags)
+    assert evaluate.measure_dtype(ev, "cpu", F32)[0] == F32
+    flags["flags"] = ["avx512f", "avx512_bf16"]
+    dtype, why = evaluate.measure_dtype(ev, "cpu", F32)
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why
+    assert evaluate.measure_dtype(ev, "cpu", torch.float16)[0] == torch.float16
+    assert evaluate.measure_dtype(ev, "cuda", F32)[0] == torch.bfloat16
+    pinned = ev.model_copy(update={"dtype": "float32"})
+    assert evaluate.measure_dtype(pinned, "cpu", F32) == (F32, "evaluation.dtype float32")
+
+    row, base = {"name": "q", "cache_key": "ckpt", "checkpoint": "ckpt"}, {"name": "baseline", "cache_key": "base"}
+    assert evaluate.eval_key(ev, row, "cpu", F32) == evaluate.eval_key(pinned, row, "cpu", F32)
+    assert evaluate.eval_key(ev, row, "cpu", torch.bfloat16) != evaluate.eval_key(ev, row, "cpu", F32)
+    assert evaluate.speed_key(ev, row, base, "cpu", torch.bfloat16) != evaluate.speed_key(ev, row, base, "cpu", F32)
 
 
 def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeypatch):
@@ -151,7 +188,7 @@ def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeyp
                     throughput={"prompt_tokens": 8, "new_tokens": 4})
     rows = [{"cache_key": "ckpt", "checkpoint": "ckpt", "gguf": {"file": "model.gguf"}},
             {"cache_key": "ckpt", "checkpoint": "ckpt"}]
-    before = [evaluate.eval_key(ev, r, "cpu") for r in rows]
+    before = [evaluate.eval_key(ev, r, "cpu", F32) for r in rows]
     monkeypatch.setattr(llamacpp, "FLASH_ATTENTION", not llamacpp.FLASH_ATTENTION)
-    after = [evaluate.eval_key(ev, r, "cpu") for r in rows]
+    after = [evaluate.eval_key(ev, r, "cpu", F32) for r in rows]
     assert after[0] != before[0] and after[1] == before[1]
