@@ -26,9 +26,9 @@ MARGIN = 1.10  # on every estimate: safetensors headers, config and card files, 
 RUNTIME_BYTES = 0.5 * GB  # torch, transformers, llm-compressor and lm-eval resident before any model is loaded
 # Peak resident memory of a CPU run in units of the model's full-precision weights: building a variant holds the
 # loaded model, the copy the self-check reloads and the calibration activations; the evaluation stage holds the
-# variant being measured (the baseline's log-probabilities, the KL reference, are read from a file). Measured on SmolLM2-135M (0.54 GB fp32): the largest
-# per-variant peak of the lab's compress stage was 1.85 GB (AWQ), about 3 copies of the weights plus the libraries
-# (README, "Your files, the disk and memory").
+# variant being measured (the baseline's log-probabilities, the KL reference, are read from a file). Measured on
+# SmolLM2-135M: the largest per-variant peak of the lab's compress stage (AWQ) was about 3 copies of its fp32 weights
+# plus the libraries (benchmarks/results/compress_memory_release.md, after release_session).
 PEAK_WEIGHT_COPIES = 3.0
 
 

@@ -10,9 +10,10 @@ beside. Two figures:
   correct engine at the same precision agrees within a fraction of a percent; the report flags a row whose vLLM
   perplexity is more than `PPL_TOLERANCE` away from transformers' at the served dtype;
 - **greedy agreement**: tokens matched before the first divergence, per prompt. Greedy text parts early even when
-  perplexity agrees to 0.1%, because near-ties in the argmax flip under any rounding change. The floor is
-  transformers bf16 against transformers fp32 on the same prompts (`noise_floor`): an engine below *half* of it is
-  flagged, with both numbers; one near it is rounding, not a bug.
+  perplexity agrees to a fraction of a percent (benchmarks/results/lab_smollm2_spr.md, "Served by vLLM"), because
+  near-ties in the argmax flip under any rounding change. The floor is transformers bf16 against transformers fp32
+  on the same prompts (`noise_floor`): an engine below *half* of it is flagged, with both numbers; one near it is
+  rounding, not a bug.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: s
     A copy `dst.copy_(src)` is also timed and kept as `copy_bytes_per_sec` (read + write counted), for reference
     only: it counts writes decode does not do, so it says nothing certain about a read stream. On a 2-core AMD EPYC
     VM it swung between 33 and 53 GB/s from one process to the next; on a 2-core Intel Xeon it came out below the
-    read figure (copy 26.6, mv 32.0 GB/s).
+    read figure (benchmarks/results/edge_speed_noamx_build.txt and edge_speed_amx_build.txt, their bandwidth line).
     """
     import torch
 

@@ -170,7 +170,7 @@ METHODS: dict[str, Method] = {
     "gptq": Method(_INT_W16 + ("W8A8-INT8", "W4A8-INT", "W4AFP8"), _INT_W16, True, {"dampening_frac": None}, _gptq,
                    what="GPTQ: column by column, each rounding error spread over the columns not yet rounded"),
     "awq": Method(("W4A16-asym", "W4A16"), ("W4A16-asym", "W4A16"), True, {}, _awq,
-                  # AWQ's grid search costs ~28 ms per calibration token here (see Calibration.shape_for)
+                  # AWQ's grid search costs several times GPTQ's per calibration token (see Calibration.shape_for)
                   shape=(16, 256), what="AWQ: per-channel scales searched on activations, then round to nearest"),
     "smoothquant-gptq": Method(("W8A8-INT8", "W4A8-INT"), ("W8A8-INT8",), True,
                                {"smoothing_strength": 0.8, "dampening_frac": None}, _smoothquant_gptq,
@@ -461,9 +461,9 @@ def compress_model(model, variant: VariantBase, windows: list[list[int]] | None,
     Every calibrated method runs under llm-compressor's "sequential" pipeline: one decoder layer at a time, each
     calibrated on the outputs of the layers before it *after* they were quantized, so GPTQ corrects the error the
     earlier layers made (as in the GPTQ paper). The "basic" pipeline (one pass through the unquantized model, all
-    layers calibrated on clean inputs) was 26% faster but lost to plain rounding: SmolLM2-135M, GPTQ W4A16 g64,
-    64 x 512 tokens of C4, WikiText-2 test (20 windows): RTN ppl 51.45 / KL 0.462, GPTQ basic 51.88 / 0.355 in 93 s,
-    GPTQ sequential 49.39 / 0.310 in 125 s (benchmarks/calibration_sweep.py --pipelines basic sequential).
+    layers calibrated on clean inputs) was faster but lost to plain rounding in perplexity, where "sequential" beat
+    both (SmolLM2-135M, GPTQ W4A16 g64, 64 x 512 tokens of C4, WikiText-2 test:
+    benchmarks/results/calibration_gptq_c4_wikitext_basic_vs_sequential.txt).
     AWQ needs "sequential" anyway: its grid search replays each layer's cached inputs. So does an offloaded model:
     one layer in memory at a time. `pipeline="basic"` remains for that benchmark.
 
@@ -495,7 +495,8 @@ def release_session() -> None:
     """Drop what llm-compressor keeps of the last model it compressed, so that nothing of one variant is alive while
     the next one is built. Called after the checkpoint is saved (saving writes the session's recipe.yaml).
 
-    Two holders, both found with gc.get_referrers on SmolLM2's lab run (peak RSS per variant rose 0.64 -> 3.51 GB):
+    Two holders, both found with gc.get_referrers on SmolLM2's lab run, whose peak RSS per variant grew over the sweep
+    (benchmarks/results/compress_memory_release.md):
     - the global session, whose state keeps the model and its hooks;
     - torch.fx's global registry of wrapped functions (`torch.fx.wrap`). The sequential pipeline compiles each
       model's forward (and each traced subgraph) with `exec` into a fresh namespace that holds the model as `self`,

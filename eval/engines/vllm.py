@@ -3,8 +3,9 @@ environment (eval/engines/vllm_env.py), and the client calls every vLLM figure i
 
 Why a server and not `vllm.LLM` in-process: vLLM cannot share compress's environment (eval/engines/vllm_env.py
 says why), and a server is how it is deployed: what is measured here is the `vllm serve` command the model card
-prints, run as written, plus only what a harness must add (the address, a model name, eager mode on a CPU to
-keep loading at ~30 s instead of ~3 min of torch.compile); the report lists both.
+prints, run as written, plus only what a harness must add (the address, a model name, eager mode on a CPU, which
+loads several times faster than torch.compile's warm-up and decodes somewhat slower:
+benchmarks/results/vllm_cpu_settings_spr_compiled.txt); the report lists both.
 
 The server's life: a free port on 127.0.0.1; its output to a log file; ready when GET /health answers 200
 (or failed when the process exits first: the log's last error is the reason, and the row says it); stopped with

@@ -157,8 +157,9 @@ def test_cache_key_of_older_variants_ignores_the_new_fields(tmp_path):
 
 
 def test_calibration_shape_defaults_per_method():
-    """AWQ's grid search costs ~7x GPTQ per calibration token, so it defaults to the 16 x 256 the sweep picked; a shape the
-    recipe sets always wins (in the calibration section or on the variant)."""
+    """AWQ's grid search costs several times GPTQ's per calibration token (benchmarks/results/calibration_awq_*.txt
+    against calibration_gptq_c4_shapes.txt), so it defaults to the 16 x 256 the sweep picked; a shape the recipe
+    sets always wins (in the calibration section or on the variant)."""
     from compress.recipe import Calibration
 
     default = Calibration(source="c.jsonl")
