@@ -45,8 +45,8 @@ def main(old: Path, new: Path) -> int:
     worst, lines = 0.0, []
     stages = ("perplexity", "tasks", "throughput", "speed_ratio")
     print(f"A = {old}\nB = {new}\n")
-    print("| variant | dtype A / B | perplexity A / B (gap) | KL A / B (gap in se) | tasks: largest gap in se, items alike "
-          "| mean task A / B | " + " | ".join(f"{s} s A / B" for s in stages) + " |")
+    print("| variant | dtype A / B | perplexity A / B (gap) | KL A / B (gap in se) | tasks: largest gap in se, "
+          "items alike | mean task A / B | " + " | ".join(f"{s} s A / B" for s in stages) + " |")
     print("|---" * (6 + len(stages)) + "|")
     for name, a in ra.items():
         b = rb.get(name)
@@ -58,7 +58,8 @@ def main(old: Path, new: Path) -> int:
         ka, kb = a.get("kl") or {}, b.get("kl") or {}
         kl = "-"
         if ka.get("mean") and kb.get("mean"):
-            g = gap_in_se({"value": ka["mean"], "stderr": ka.get("stderr")}, {"value": kb["mean"], "stderr": kb.get("stderr")})
+            g = gap_in_se({"value": ka["mean"], "stderr": ka.get("stderr")},
+                          {"value": kb["mean"], "stderr": kb.get("stderr")})
             worst = max(worst, g or 0)
             kl = f"{ka['mean']:.4f} / {kb['mean']:.4f} ({g:.2f})"
         ta, tb = a.get("tasks") or {}, b.get("tasks") or {}
@@ -76,8 +77,10 @@ def main(old: Path, new: Path) -> int:
         top = max(gaps, key=gaps.get) if gaps else None
         if top:
             worst = max(worst, gaps[top])
-        mean = (f"{sum(ta[t]['value'] for t in gaps) / len(gaps):.4f} / {sum(tb[t]['value'] for t in gaps) / len(gaps):.4f}"
-                if gaps else "-")
+        mean = "-"
+        if gaps:
+            mean_a, mean_b = (sum(r[t]["value"] for t in gaps) / len(gaps) for r in (ta, tb))
+            mean = f"{mean_a:.4f} / {mean_b:.4f}"
         task_cell = f"{gaps[top]:.2f} ({top}), {alike}/{total}" if top else "-"
         sa, sb = a.get("stage_seconds") or {}, b.get("stage_seconds") or {}
         secs = " | ".join(f"{sa.get(s, '-')} / {sb.get(s, '-')}" for s in stages)

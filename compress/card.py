@@ -179,7 +179,8 @@ def _evaluation_rows(record: dict) -> list[str]:
         score = f"{t['value']:.4g}" if t["metric"] == "word_perplexity" else f"{100 * t['value']:.1f} %"
         err = "" if t.get("stderr") is None else (f" ± {100 * t['stderr']:.1f}" if t["metric"] != "word_perplexity"
                                                    else f" ± {t['stderr']:.3g}")
-        rows.append(f"| {task} {t['metric']} (lm-eval, {t['num_fewshot']}-shot, n = {t['n']}{tasks_in}) | {score}{err} |")
+        rows.append(f"| {task} {t['metric']} (lm-eval, {t['num_fewshot']}-shot, n = {t['n']}{tasks_in}) | "
+                    f"{score}{err} |")
     if avg := (record.get("recovery") or {}).get("average"):
         ci = avg.get("ci95")
         ci_text = f" [{ci[0]:.1f}, {ci[1]:.1f}] (95% CI, paired bootstrap)" if ci else ""
