@@ -41,7 +41,9 @@ def check_inputs(recipe: Recipe, recipe_path: Path, *, prepare: bool) -> Source:
             _not_evaluated_on(Path(v.distill.data), f"{recipe_path}: {field}", eval_files)
     device, dtype = resolve_device_dtype(recipe.model)
     check_dtypes(recipe, recipe_path, dtype)
-    check_group_sizes(recipe, recipe_path, load_config(source))
+    config = load_config(source)
+    check_group_sizes(recipe, recipe_path, config)
+    check_variant_config(recipe, recipe_path, config, dtype)
     check_backends(recipe, recipe_path)
     check_output(recipe, recipe_path)
     if recipe.evaluation.vllm is not None and prepare:
@@ -141,6 +143,18 @@ def check_group_sizes(recipe: Recipe, recipe_path: Path, config) -> None:
             errors.append(f"{recipe_path}: {recipe.field_path(i, field)}: {what} the input width of {len(bad)} layers "
                           f"(e.g. {name}: {w}); expected a divisor of every quantized width "
                           f"{sorted(set(widths.values()))}, such as {ok or 'none of 32/64/128/256: use per-channel'}")
+    if errors:
+        raise InputError("\n".join(errors))
+
+
+def check_variant_config(recipe: Recipe, recipe_path: Path, config, dtype) -> None:
+    """What each variant's own rules find impossible on this model (VariantBase.config_errors), e.g. a size target
+    below the smallest checkpoint the method can write."""
+    import torch
+
+    dtype_bits = torch.tensor([], dtype=dtype).element_size() * 8
+    errors = [f"{recipe_path}: {recipe.field_path(i, field)}: {message}"
+              for i, v in enumerate(recipe.variants) for field, message in v.config_errors(config, dtype_bits)]
     if errors:
         raise InputError("\n".join(errors))
 

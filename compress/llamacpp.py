@@ -1,5 +1,5 @@
 """llama.cpp, through llama-cpp-python: GGUF export, loading and logits. The only module that imports
-llama_cpp (an optional extra, `pip install -e '.[edge]'`, built from source: ~11 minutes on 2 cores).
+llama_cpp (an optional extra, `pip install -e '.[edge]'`, built from source: several minutes on 2 cores).
 
 Why llama.cpp: on a CPU, transformers runs any quantized checkpoint by decompressing it to fp32, so decode reads
 fp32 weights whatever the format. llama.cpp's kernels read the quantized blocks directly (a Q4_0 block is 32
@@ -32,8 +32,8 @@ from pathlib import Path
 
 log = logging.getLogger("compress")
 
-INSTALL_HINT = ("install the optional extra: pip install -e '.[edge]' (builds llama-cpp-python from source, ~11 min "
-                "on 2 cores)")
+INSTALL_HINT = ("install the optional extra: pip install -e '.[edge]' (builds llama-cpp-python from source, "
+                "several minutes on 2 cores)")
 CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 # file type name -> llama.cpp's enum llama_ftype member; F32/F16/BF16 are written by the converter itself
@@ -252,8 +252,8 @@ def _model_params(**fields):
 
 # llama.cpp's own tools (llama-cli, llama-server, llama-bench) default to `--flash-attn auto`, which is on for the
 # CPU backend; llama-cpp-python's `Llama(flash_attn=False)` default turns it off. Rows are measured as llama.cpp
-# serves by default: on SmolLM2-135M (AMD EPYC, 2 threads) the fused attention decoded Q4_0 4-10% faster than the
-# unfused one (alternating runs), whose per-head F16 dot products and softmax were ~12% of a decode step's profile.
+# serves by default. On SmolLM2-135M, Q4_0 decoded faster with the fused attention than without it
+# (benchmarks/results/edge_speed_epyc_fa_smollm2_run*.txt, with it, against edge_speed_epyc_series*.txt, before).
 FLASH_ATTENTION = True
 
 

@@ -265,6 +265,11 @@ class VariantBase(_Strict):
         return weight_bytes_estimate(config, bits, group, ignore_lm_head="lm_head" in self.ignore,
                                      embed_bytes=dtype_bytes)
 
+    def config_errors(self, config, dtype_bits: int) -> list[tuple[str, str]]:
+        """(field, message) for what the model's config rules out in this variant (compress.checks, before any
+        work); the group sizes of the llm-compressor schemes are checked there for every variant."""
+        return []
+
     def weight_format(self) -> tuple[int, int | None]:
         """(bits, group_size) of the stored weights, for size and memory estimates; 16-bit when unquantized."""
         return getattr(self, "bits", None) or 16, getattr(self, "group_size", None)

@@ -21,6 +21,7 @@ from typing import Annotated, Union
 import yaml
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_validator
 
+from compress.backends.auto import AutoVariant
 from compress.backends.bnb import BNB_METHODS, BnbVariant
 from compress.backends.gguf import GGUF_TYPE_BITS, GGUF_UNQUANTIZED, GGUFVariant
 from compress.backends.llmcompressor import LLMCompressorVariant
@@ -36,7 +37,7 @@ __all__ = ["BNB_METHODS", "EMBEDDED_MODEL", "GGUF_TYPE_BITS", "GGUF_UNQUANTIZED"
 # one class per method family; adding a method family = one backend module and its class here. The union is
 # decided by `method` at validation time, from each class's own list (llm-compressor's is its METHODS table), so a
 # method added to a table is a recipe method without another edit.
-VARIANT_CLASSES = (UnchangedVariant, LLMCompressorVariant, BnbVariant, GGUFVariant)
+VARIANT_CLASSES = (UnchangedVariant, LLMCompressorVariant, BnbVariant, GGUFVariant, AutoVariant)
 
 
 def _family(data) -> str | None:

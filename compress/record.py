@@ -291,6 +291,9 @@ class Record(BaseModel):
     bnb: dict | None = None
     gguf: dict | None = None
     format: dict | None = None  # llm-compressor rows: the scheme's facts from its table (LLMCompressorVariant.facts)
+    # method auto (compress/backends/auto.py): the target, the format chosen per unit, the predicted damage and size,
+    # the sensitivity table and the frontier it was chosen from
+    auto: dict | None = None
     serve: str | None = None
     environment: dict | None = None
     # where it ran on a Ray cluster (compress/cluster.py): the address, and per stage ("build", "measure") the node

@@ -48,9 +48,9 @@ def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: s
     slow probe (BLAS sgemv reached only 70% of `sum` on the AMD EPYC this was tuned on).
 
     A copy `dst.copy_(src)` is also timed and kept as `copy_bytes_per_sec` (read + write counted), for reference
-    only: it counts writes decode does not do, so it says nothing certain about a read stream. On a 2-core AMD EPYC
-    VM it swung between 33 and 53 GB/s from one process to the next; on a 2-core Intel Xeon it came out below the
-    read figure (benchmarks/results/edge_speed_noamx_build.txt and edge_speed_amx_build.txt, their bandwidth line).
+    only: it counts writes decode does not do, so it says nothing certain about a read stream. It swings from one
+    process to the next, and on some machines it comes out below the read figure (the bandwidth lines of
+    benchmarks/results/edge_speed_noamx_build.txt and edge_speed_amx_build.txt).
     """
     import torch
 
@@ -99,8 +99,8 @@ def measure_bandwidth(size_bytes: int | None = None, repeats: int = 5, device: s
 def bracketed(before: dict, after: dict) -> dict:
     """The bandwidth of a measurement taken between two probes: the mean of their figures, both kept.
 
-    On a shared host the read bandwidth a VM gets drifts by tens of percent within minutes (the machine this was
-    written on read 24-50 GB/s at different moments), so each throughput row is judged against probes taken just
+    On a shared host the read bandwidth a VM gets drifts by tens of percent within minutes (compare the bandwidth
+    lines of the edge_speed_* files in benchmarks/results), so each throughput row is judged against probes taken just
     before and just after it rather than against one figure from the start of a long run."""
     out = {**before, "bytes_per_sec": (before["bytes_per_sec"] + after["bytes_per_sec"]) / 2,
            "bytes_per_sec_min": min(before["bytes_per_sec_min"], after["bytes_per_sec_min"]),

@@ -13,12 +13,12 @@ Neither needs calibration data. Both save as ordinary safetensors checkpoints wi
 On a CPU, bitsandbytes >= 0.45 has a CPU backend: both formats load, run and save here (checked on this machine
 with bitsandbytes 0.50.2 and transformers 5.17). Two things about NF4 on a CPU with AVX512-BF16:
 - on the first forward, each Linear4bit repacks its weight into a CPU layout (and dequantizes double-quantized
-  scales), and its matmul then runs in bf16 whatever the compute dtype: logits differ from an exact fp32
-  dequantize-and-multiply by ~0.02 on the tests' tiny model;
+  scales), and its matmul then runs in bf16 whatever the compute dtype: logits differ slightly from an exact fp32
+  dequantize-and-multiply;
 - saving after that first forward inverts the repacking "best effort", and the inverse is lossy (the reloaded
-  weights differ from the quantized ones: 0.36 logits without double quantization, 0.01 with it, on the same
-  tiny model). So the pipeline saves a bitsandbytes checkpoint before it runs any forward pass, and the self-check
-  then compares the in-memory model with the reloaded one, both repacked the same way from the same bytes.
+  weights differ from the quantized ones, much more without double quantization than with it). So the pipeline
+  saves a bitsandbytes checkpoint before it runs any forward pass, and the self-check then compares the in-memory
+  model with the reloaded one, both repacked the same way from the same bytes.
 The fused 4-bit CPU kernel comes from the `kernels` hub package, which is not reachable offline; the decode figures
 say how fast this bitsandbytes runs on this CPU. On a GPU the same checkpoints run its CUDA kernels.
 """

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -53,6 +53,11 @@ class Scheme(NamedTuple):
     # decompresses fp4 weights to bf16, so an fp32 model reloads them as bf16 weights beside fp32 activations and
     # every Linear raises "expected m1 and m2 to have the same dtype" (measured on the tests' tiny Llama)
     model_dtype: str | None = None
+
+    @property
+    def weight_only(self) -> bool:
+        """Activations stay in 16 bits: only the weights change, so one layer's damage is the weights' alone."""
+        return self.activations == "16-bit"
 
     def bits_per_weight(self, group_size: int | None, dtype_bits: int) -> float:
         """Stored bits per weight including its share of scales and zero points (zero points are packed at the
@@ -390,8 +395,6 @@ def _lib():
     """llm-compressor and compressed-tensors, imported on first use (seconds of import time that a recipe check,
     a plan or a report never pay): a namespace with `oneshot`, `ct` (compressed_tensors.quantization) and the
     modifier packages `gptq`, `quantization`, `transform`."""
-    from types import SimpleNamespace
-
     try:
         # llm-compressor's logger writes to whatever sys.stdout is when it is imported, and it logs during import;
         # stdout is where `compress plan` prints its JSON, so let it bind to stderr instead.
@@ -409,17 +412,57 @@ def _lib():
 
 
 def weight_scheme(variant: LLMCompressorVariant):
-    """The compressed-tensors scheme for one variant: what vLLM will read from config.json. The scheme's preset,
-    with integer weights at the recipe's group size (or per output channel) and symmetry."""
+    """The compressed-tensors scheme for one variant: what vLLM will read from config.json."""
+    return scheme_for(variant.scheme, variant.group_size)
+
+
+def scheme_for(scheme: str, group_size: int | None, targets: list[str] | None = None):
+    """A SCHEMES entry as a compressed-tensors QuantizationScheme: its preset, with integer weights at `group_size`
+    (None: per output channel) and the entry's symmetry, applied to `targets` (every Linear by default; module
+    names for one config group of a mixed checkpoint)."""
     ct = _lib().ct
-    s = variant.format
-    preset = ct.preset_name_to_scheme(s.preset, ["Linear"])
+    s = SCHEMES[scheme]
+    targets = list(targets or ["Linear"])
+    preset = ct.preset_name_to_scheme(s.preset, targets)
     if not s.groupable:
         return preset
     weights = ct.QuantizationArgs(num_bits=s.bits, type="int", symmetric=s.symmetric,
-                                  strategy="group" if variant.group_size else "channel", group_size=variant.group_size)
+                                  strategy="group" if group_size else "channel", group_size=group_size)
     extra = {"input_activations": preset.input_activations} if preset.input_activations else {}
-    return ct.QuantizationScheme(targets=["Linear"], weights=weights, **extra)
+    return ct.QuantizationScheme(targets=targets, weights=weights, **extra)
+
+
+def fake_quantize_weights(weights: list, scheme: str, group_size: int | None) -> list:
+    """Each weight rounded to `scheme`'s grid and back (round to nearest with min-max scales: what the `rtn` method
+    writes), in its own dtype. The sensitivity analysis quantizes one serving unit at a time with it; the weights of
+    a unit are those vLLM fuses into one matrix (q, k, v; gate, up), which share NVFP4's per-tensor global scale as
+    llm-compressor's fused observers make them. compressed-tensors does the arithmetic, so the grid is the one the
+    checkpoint's format really has (fp4 and fp8 included)."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    args = scheme_for(scheme, group_size).weights
+    strategy = str(getattr(args.strategy, "value", args.strategy))
+    global_scale = None
+    if strategy == "tensor_group":  # NVFP4: fp8 group scales under one fp32 scale per fused matrix
+        absmax = torch.stack([w.detach().abs().max() for w in weights]).max().reshape(1)
+        global_scale = generate_gparam(-absmax, absmax)
+    out = []
+    for weight in weights:
+        w = weight.detach()  # in its own dtype, as llm-compressor's observers see it (bf16 rounds the scales)
+        rows, cols = w.shape
+        if strategy in ("group", "tensor_group"):
+            view = w.reshape(rows, cols // args.group_size, args.group_size)
+            low, high = view.amin(-1), view.amax(-1)
+        elif strategy == "channel":
+            low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        else:
+            raise ValueError(f"scheme {scheme!r}: weights quantized by {strategy!r} are not simulated here")
+        scale, zero_point = calculate_qparams(low, high, args, global_scale=global_scale)
+        scale = scale.to(weight.dtype) if scale.is_floating_point() and scale.element_size() > 1 else scale
+        out.append(fake_quantize(w, scale, zero_point, args, global_scale=global_scale).to(weight.dtype))
+    return out
 
 
 def kv_cache_scheme(variant: VariantBase):
@@ -467,11 +510,28 @@ def compress_model(model, variant: VariantBase, windows: list[list[int]] | None,
     AWQ needs "sequential" anyway: its grid search replays each layer's cached inputs. So does an offloaded model:
     one layer in memory at a time. `pipeline="basic"` remains for that benchmark.
 
-    Windows go through one at a time (llm-compressor's `batch_size=1`). Batching them does not pay on a CPU: GPTQ
-    W4A16 on 64 x 512 tokens took 189 s at batch 1, 223 s at 16 and 262 s at 64 (2-core AMD EPYC, fp32), and a
-    batched forward pass of the decoder alone was no faster either (62 / 66 / 70 s).
+    Windows go through one at a time (llm-compressor's `batch_size=1`). Batching them did not pay on a 2-core CPU
+    when it was tried: GPTQ, and the decoder's forward pass alone, got slower as the batch grew (a one-off check,
+    no results file kept; benchmarks/results/compress_speed.txt has the batch-1 cost against its floor).
     """
-    modifiers = build_modifiers(variant, model.dtype)
+    _oneshot(model, build_modifiers(variant, model.dtype), windows, pipeline)
+
+
+def compress_mixed(model, assignment: dict[str, list[str]], group_size: int | None, method: str, ignore: list[str],
+                   windows: list[list[int]] | None) -> None:
+    """Quantize `model` in place with one format per module: `assignment` maps a SCHEMES name to the full names of
+    the modules it takes (one config group each, targets by exact name, so config.json says it per module and vLLM
+    picks a kernel per group); `ignore` stays unquantized. `method`'s modifiers (METHODS) at its default options
+    calibrate every group on the same windows."""
+    lib = _lib()
+    groups = {f"group_{k}": scheme_for(name, group_size if SCHEMES[name].groupable else None, targets=modules)
+              for k, (name, modules) in enumerate((n, m) for n, m in assignment.items() if m)}
+    q = {"ignore": list(ignore), "config_groups": groups}
+    options = SimpleNamespace(**METHODS[method].options)
+    _oneshot(model, METHODS[method].modifiers(lib, options, q, model.dtype), windows, PIPELINE)
+
+
+def _oneshot(model, modifiers: list, windows: list[list[int]] | None, pipeline: str) -> None:
     oneshot = _lib().oneshot
     if windows is None:
         oneshot(model=model, recipe=modifiers, pipeline="datafree")

@@ -402,3 +402,69 @@ def stage_table(variants: list[dict]) -> Table | None:
 
 _STAGE_NAMES = {"compress": "compress", "load": "load", "perplexity": "perplexity + KL", "tasks": "tasks (lm-eval)",
                 "throughput": "throughput", "speed_ratio": "speed ratio", "vllm": "vLLM"}
+
+
+def auto_table(variants: list[dict]) -> Table | None:
+    """Method `auto`: what each target chose, what the sensitivities predicted and what the evaluation measured on
+    held-out text, beside the uniform rows of the run; None when no variant is `auto`.
+
+    Bits per weight are the stored bits of the quantizable Linears, scales included (the uniform rows' figure from
+    their format's table). The predicted KL is the sum of the one-unit damages on calibration windows; the measured
+    KL is the main table's, on the perplexity file. A max_kl target is met when the measured KL is at most it."""
+    ok = _ok(variants)
+    autos = [r for r in ok if r.get("auto")]
+    if not autos:
+        return None
+    headers = ["variant", "target", "bits/weight", "formats chosen", "predicted KL", "KL vs baseline", "perplexity",
+               "target met (measured)", "next frontier point", "analysis (s)"]
+    rows = []
+    for r in autos:
+        a = r["auto"]
+        (kind, value), = a["target"].items()
+        counts: dict[str, int] = {}
+        for u in a["units"]:
+            counts[u["format"]] = counts.get(u["format"], 0) + 1
+        measured = _get(r, "kl", "mean")
+        met = DASH
+        if kind == "max_kl" and measured is not None:
+            met = f"yes ({measured:.4f} ≤ {value:g})" if measured <= value else f"no: {measured - value:+.4f} over"
+        elif kind == "effective_bits":
+            met = "yes" if a["effective_bits"] <= value else f"no: {a['effective_bits'] - value:+.3f} bits over"
+        elif kind == "max_size_gb" and r.get("weights_bytes") is not None:
+            met = "yes" if r["weights_bytes"] <= value * 1e9 else f"no: {r['weights_bytes'] / 1e9 - value:+.4f} GB over"
+        nxt = a.get("next_point")
+        s = a["sensitivity"]
+        rows.append([r["name"], f"{kind} {value:g}", f"{a['effective_bits']:.3f}",
+                     ", ".join(f"{f} ×{n}" for f, n in counts.items()), f"{a['predicted']['value']:.4f}",
+                     *_quality(r), met,
+                     f"{nxt['effective_bits']:.3f} bits, predicted {nxt['predicted']:.4f}" if nxt else DASH,
+                     f"{s['seconds']:.0f}" + (" (cached)" if s.get("cached") else "")])
+    for r in ok:
+        if r.get("auto") or r.get("method") == REFERENCE or not _get(r, "format", "bits_per_weight"):
+            continue
+        rows.append([r["name"], "uniform", f"{r['format']['bits_per_weight']:.3f}", r.get("scheme", DASH), DASH,
+                     *_quality(r), DASH, DASH, DASH])
+    first = autos[0]["auto"]["sensitivity"]
+    caption = (f"Predicted: summed one-unit {first['score']} damage on {first['windows']} × {first['seq_len']} "
+               f"calibration tokens. Measured: the main table's KL and perplexity on held-out text. "
+               f"Uniform rows (same model, same run) for comparison.")
+    return Table(headers, rows, caption)
+
+
+def auto_map_table(variants: list[dict]) -> Table | None:
+    """The format each `auto` variant chose per decoder layer (rows) and unit (columns): the heat map as text."""
+    autos = [r for r in _ok(variants) if r.get("auto")]
+    if not autos:
+        return None
+    kinds: list[str] = []
+    layers: list[str] = []
+    cells: dict[tuple[str, str, str], str] = {}
+    for r in autos:
+        for u in r["auto"]["units"]:
+            layer, _, kind = u["unit"].rpartition(".") if u["unit"].count(".") > 1 else (u["unit"], "", "layer")
+            kinds += [kind] if kind not in kinds else []
+            layers += [layer] if layer not in layers else []
+            cells[(r["name"], layer, kind)] = u["format"]
+    headers = ["layer"] + [f"{r['name']}: {k}" for r in autos for k in kinds]
+    rows = [[layer] + [cells.get((r["name"], layer, k), DASH) for r in autos for k in kinds] for layer in layers]
+    return Table(headers, rows, "Format per unit (vLLM's fused matrices: qkv, o, gate_up, down), per auto variant.")

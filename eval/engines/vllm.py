@@ -41,8 +41,8 @@ ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 _KERNEL = re.compile(r"(?:Using|Selected) (\w+) for ([\w-]+(?: [\w-]+)*)")
 # compress's own thread settings (compress/environment.configure_cpu sets OMP_NUM_THREADS etc. to every core) must
 # not reach vLLM: its CPU worker binds its OpenMP threads to the cores it picks (VLLM_CPU_OMP_THREADS_BIND; one of
-# two here), and an inherited OMP_NUM_THREADS=2 on that one core made decode 20x slower (a W4A16 row: 0.33 tok/s
-# against 6.8 tok/s without it, measured on the 2-core VM this was written on)
+# two here), and an inherited OMP_NUM_THREADS=2 on that one core oversubscribes it: decode became many times slower
+# (tests/eval/engines/test_vllm.py checks that these never reach the server's environment)
 INHERITED_THREAD_VARS = frozenset({"OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "COMPRESS_THREADS",
                                    "GOMP_CPU_AFFINITY", "KMP_AFFINITY"})
 _ERROR = re.compile(r"(Error|Exception|error:|ValueError|NotImplementedError|RuntimeError)")

@@ -11,6 +11,7 @@ from conftest import ROOT
 # per class: field -> (a variant where the field applies, the same variant with that field changed). A field added
 # to a class without an entry here (or in the class's NOT_KEYED, with its reason) fails the walk below.
 GPTQ = {"name": "v", "method": "gptq", "group_size": 64}
+AUTO = {"name": "v", "method": "auto", "target": {"effective_bits": 4.5}}
 CHANGES = {
     "UnchangedVariant": {
         "name": ({"name": "v", "method": "baseline"}, {"name": "w"}),
@@ -59,9 +60,24 @@ CHANGES = {
         "seq_len": ({"name": "v", "method": "gguf", "gguf_type": "Q4_0", "imatrix": True}, {"seq_len": 64}),
         "distill": ({"name": "v", "method": "gguf", "gguf_type": "Q4_0"}, {"distill": {"student": {"layers": 2}}}),
     },
+    "AutoVariant": {
+        "name": (AUTO, {"name": "w"}),
+        "formats": (AUTO, {"formats": ["W4A16", "unquantized"]}),
+        "group_size": (AUTO, {"group_size": 32}),
+        "target": (AUTO, {"target": {"effective_bits": 6}}),
+        "granularity": (AUTO, {"granularity": "decoder-layer"}),
+        "algorithm": (AUTO, {"algorithm": "rtn"}),
+        "analysis": (AUTO, {"analysis": {"score": "fisher"}}),
+        "ignore": (AUTO, {"ignore": []}),
+        "samples": (AUTO, {"samples": 8}),
+        "seq_len": (AUTO, {"seq_len": 64}),
+        "kv_cache": (AUTO, {"kv_cache": {"dtype": "fp8"}}),
+        "distill": (AUTO, {"distill": {"student": {"layers": 2}}}),
+    },
 }
 # fields that cannot take another value in a class (its validator refuses them, saying why, or it has one method)
-REFUSED = {"BnbVariant": {"kv_cache", "samples", "seq_len"}, "GGUFVariant": {"kv_cache", "ignore", "method"}}
+REFUSED = {"BnbVariant": {"kv_cache", "samples", "seq_len"}, "GGUFVariant": {"kv_cache", "ignore", "method"},
+           "AutoVariant": {"method"}}
 
 
 @pytest.mark.parametrize("cls", VARIANT_CLASSES, ids=lambda c: c.__name__)

@@ -167,3 +167,35 @@ def test_offloaded_model_compresses_like_in_memory(tmp_path, tiny_model, calib_f
     assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["notes.txt"]
     assert (tmp_path / "scratch" / "notes.txt").read_text() == "mine"
     assert torch.allclose(_logits(folders["memory"]), _logits(folders["offload"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme, group, dtype", [("W4A16", 64, torch.float32), ("W4A16-asym", 32, torch.float32),
+                                                   ("W8A16", None, torch.float32), ("FP8-dynamic", None, torch.float32),
+                                                   ("NVFP4A16", None, torch.bfloat16),
+                                                   ("MXFP4A16", None, torch.bfloat16)])
+def test_fake_quantize_weights_is_what_rtn_writes(tiny_model, scheme, group, dtype):
+    """The sensitivity analysis's one-unit quantization equals the weights the `rtn` method's checkpoint holds:
+    llm-compressor's scales and zero points applied to the original weights, one fused unit (q, k, v; gate, up;
+    o; down) at a time, NVFP4's global scale shared within the unit."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from compress.backends.llmcompressor import compress_model, fake_quantize_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).eval()
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    v = parse_variant(dict(name="r", method="rtn", scheme=scheme, **({"group_size": group} if group else {})))
+    compress_model(model, v, None)
+    modules = dict(model.named_modules())
+    units = [[f"model.layers.{i}.{part}" for part in unit] for i in range(2) for unit in
+             (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))]
+    for unit in units:
+        ours = fake_quantize_weights([original[n] for n in unit], scheme, group)
+        for name, q in zip(unit, ours):
+            m = modules[name]
+            written = fake_quantize(original[name].float(), m.weight_scale, getattr(m, "weight_zero_point", None),
+                                    m.quantization_scheme.weights, global_scale=getattr(m, "weight_global_scale", None))
+            assert q.dtype == dtype and q.shape == original[name].shape
+            torch.testing.assert_close(q.float(), written.to(dtype).float(), rtol=0, atol=0)
+            assert not torch.equal(q, original[name])  # it did round
+    assert sum(map(len, units)) == 14  # every quantized Linear of the 2 layers

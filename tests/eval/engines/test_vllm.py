@@ -61,7 +61,7 @@ def test_failure_reason_is_the_last_error_line():
 
 def test_server_env_drops_our_thread_settings():
     """compress sets OMP_NUM_THREADS to every core for itself; vLLM binds its own OpenMP threads (one core of two
-    here), and the inherited setting made its decode 20x slower."""
+    here), and the inherited setting oversubscribed that core: decode many times slower."""
     env = vllm.server_env({"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONPATH": "/repo", "HOME": "/root"},
                           {"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert env == {"HOME": "/root", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
