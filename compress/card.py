@@ -94,7 +94,26 @@ def _method_lines(record: dict) -> list[str]:
                       f"- format: compressed-tensors preset `{f['preset']}`; weights {f['weights']}, activations "
                       f"{f['activations']}; {f['bits_per_weight']:g} bits per weight including scales",
                       f"- served by (reference, read from vLLM 0.32's source, not measured here): {f['vllm_reference']}"]
+    if a := record.get("auto"):  # compress/backends/auto.py
+        lines[1:1] = _auto_lines(a)
     return lines
+
+
+def _auto_lines(a: dict) -> list[str]:
+    """Method auto: the target, what was chosen, what was predicted, and the format of every unit."""
+    (kind, value), = a["target"].items()
+    s = a["sensitivity"]
+    counts: dict[str, int] = {}
+    for u in a["units"]:
+        counts[u["format"]] = counts.get(u["format"], 0) + 1
+    lines = [f"- target {kind} {value:g}: chosen from {', '.join(a['formats'])} per {a['granularity']} unit, "
+             f"{a['effective_bits']:.3f} bits per weight ({', '.join(f'{f}: {n} units' for f, n in counts.items())}), "
+             f"calibrated by {a['algorithm']}",
+             f"- predicted {a['predicted']['score']} damage {a['predicted']['value']:.4g} (summed one-unit "
+             f"{s['score']} on {s['windows']} x {s['seq_len']} calibration tokens; the evaluation below measures it)",
+             "- format per unit:", "", "| unit | format | weights |", "|---|---|---|"]
+    lines += [f"| {u['unit']} | {u['format']} | {u['weights']:,} |" for u in a["units"]]
+    return lines + [""]
 
 
 def _selfcheck_rows(record: dict) -> list[str]:

@@ -154,30 +154,40 @@ def allowed(unit: Unit, group: int | None) -> bool:
     return group is None or all(width % group == 0 for width in unit.widths)
 
 
-def measure_kl(model, windows, the_units: list[Unit], formats: list, quantize) -> list[list[float | None]]:
-    """costs[unit][format]: the KL to the baseline with that unit alone in that format. `formats` are (name, group)
-    pairs, `quantize(weights, name, group)` returns the unit's weights rounded (None name: unquantized, cost 0).
-    A format whose group does not divide a unit's widths gets None (not allowed)."""
+def _table(model, the_units: list[Unit], formats: list, quantize, damage) -> list[list[float | None]]:
+    """costs[unit][format] = damage(unit, original weights, rounded weights); 0 for unquantized (a None name), None
+    where the format's group does not divide the unit's widths."""
     modules = dict(model.named_modules())
-    recorded = LayerInputs(model, windows)
     costs: list[list[float | None]] = []
     start = time.perf_counter()
     for k, unit in enumerate(the_units):
         row: list[float | None] = []
+        originals = [modules[n].weight.detach() for n in unit.modules]
         for name, group in formats:
             if name is None:
                 row.append(0.0)
             elif not allowed(unit, group):
                 row.append(None)
             else:
-                weights = quantize([modules[n].weight for n in unit.modules], name, group)
-                with _swapped(modules, unit, weights):
-                    row.append(max(0.0, recorded.kl_from(unit.layer)))
+                row.append(damage(unit, originals, quantize(originals, name, group)))
         costs.append(row)
         if k % 10 == 9:
-            log.info("stage sensitivity: %d of %d units measured (%.0f s)", k + 1, len(the_units),
-                     time.perf_counter() - start)
+            log.info("stage sensitivity: %d of %d units (%.0f s)", k + 1, len(the_units), time.perf_counter() - start)
     return costs
+
+
+def measure_kl(model, windows, the_units: list[Unit], formats: list, quantize) -> list[list[float | None]]:
+    """costs[unit][format]: the KL to the baseline with that unit alone in that format. `formats` are (name, group)
+    pairs, `quantize(weights, name, group)` returns the unit's weights rounded (None name: unquantized, cost 0).
+    A format whose group does not divide a unit's widths gets None (not allowed)."""
+    modules = dict(model.named_modules())
+    recorded = LayerInputs(model, windows)
+
+    def kl(unit: Unit, originals, quantized) -> float:
+        with _swapped(modules, unit, quantized):
+            return max(0.0, recorded.kl_from(unit.layer))
+
+    return _table(model, the_units, formats, quantize, kl)
 
 
 def measure_fisher(model, windows, the_units: list[Unit], formats: list, quantize) -> list[list[float | None]]:
@@ -205,21 +215,12 @@ def measure_fisher(model, windows, the_units: list[Unit], formats: list, quantiz
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
-    costs: list[list[float | None]] = []
-    for unit in the_units:
-        row: list[float | None] = []
-        for name, group in formats:
-            if name is None:
-                row.append(0.0)
-            elif not allowed(unit, group):
-                row.append(None)
-            else:
-                originals = [modules[n].weight.detach() for n in unit.modules]
-                quantized = quantize(originals, name, group)
-                row.append(float(sum(0.5 * (fisher[n] * (q.float() - o.float()) ** 2).sum()
-                                     for n, o, q in zip(unit.modules, originals, quantized))))
-        costs.append(row)
-    return costs
+
+    def proxy(unit: Unit, originals, quantized) -> float:
+        return float(sum(0.5 * (fisher[n] * (q.float() - o.float()) ** 2).sum()
+                         for n, o, q in zip(unit.modules, originals, quantized)))
+
+    return _table(model, the_units, formats, quantize, proxy)
 
 
 SCORES = {"kl": measure_kl, "fisher": measure_fisher}

@@ -8,7 +8,7 @@ its rcParams are set only for the duration of the drawing.
 What the browser shows on hover is added after matplotlib has written the SVG: every mark (point, bar, curve,
 front, reference line) is drawn with a gid, which matplotlib writes as `<g id="...">`, and that group gets a
 `<title>` child (the tooltip: the variant and its figures), a `data-name` attribute with the variant, and a class
-saying what it is (`point`, `front-point`, `pareto-front`, `bar`, `reference`, `loss-curve`), which is also how
+saying what it is (`point`, `front-point`, `pareto-front`, `curve`, `bar`, `reference`, `loss-curve`), which is also how
 tests and scripts find them. The output is deterministic: no date or metadata, a fixed hash salt for the ids
 matplotlib derives from content, and every id prefixed with the plot's slug so that the plots inlined in one page
 share no id.
@@ -92,6 +92,13 @@ def _scatter(ax, plot: Plot, hovers: list[Hover]) -> list:
     if any(p.flagged for p in plot.marks):
         handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="white", markeredgecolor="#333",
                               label="hollow: timed under contention"))
+    if plot.curve:
+        label, xy = plot.curve
+        line, = ax.plot([x for x, _ in xy], [y for _, y in xy], color="#888", linewidth=1.2, zorder=1)
+        _mark(line, hovers, "curve", None, label)
+        handles.append(Line2D([], [], color="#888", linewidth=1.2, label=label))
+    if plot.y_log:
+        ax.set_yscale("log")
     if plot.front:
         at = {p.name: p for p in plot.marks}
         line, = ax.plot([at[n].x for n in plot.front], [at[n].y for n in plot.front], zorder=2, **FRONT)

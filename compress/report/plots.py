@@ -60,6 +60,9 @@ class Plot:
     notes: list[str] = field(default_factory=list)
     front: list[str] = field(default_factory=list)  # scatter: the Pareto front, by increasing x
     groups: list[str] = field(default_factory=list)  # bars: the x-axis groups, in order
+    # scatter: a curve drawn under the points, (label, [(x, y), ...]) (the auto frontier as predicted)
+    curve: tuple[str, list[tuple[float, float]]] | None = None
+    y_log: bool = False
 
 
 def colours(names: list[str]) -> dict[str, str]:
@@ -96,6 +99,8 @@ def plots(rows: list[dict], variants: list[dict]) -> list[Plot]:
     out = [accuracy_vs_size(rows, palette), accuracy_vs_speed(rows, palette), recovery(rows, variants, palette)]
     if loss := loss_curves(variants, palette):
         out.append(loss)
+    if frontier := auto_frontier(variants, palette):
+        out.append(frontier)
     out += serving_curves(variants, palette)
     return out
 
@@ -205,3 +210,31 @@ def serving_curves(variants: list[dict], palette: dict) -> list[Plot]:
             out.append(Plot("curves", f"vLLM {label.split()[0]} vs concurrency", "concurrent requests", label,
                             curves, {c.name: palette.get(c.name, PALETTE[0]) for c in curves}))
     return out
+
+
+def auto_frontier(variants: list[dict], palette: dict) -> Plot | None:
+    """Method `auto`: the size-damage frontier its sensitivity pass predicted (summed one-unit KL against bits per
+    weight), with every built variant of the run placed by its measured KL on held-out text: the auto points and
+    the uniform ones they chose between. None when no variant is `auto`."""
+    ok = [r for r in variants if r.get("status", "ok") == "ok" and _get(r, "kl", "mean") is not None]
+    autos = [r for r in variants if r.get("status", "ok") == "ok" and r.get("auto")]
+    if not autos:
+        return None
+    pts = []
+    for r in ok:
+        bits = _get(r, "auto", "effective_bits") or _get(r, "format", "bits_per_weight")
+        if bits is None or r.get("method") == REFERENCE or r["kl"]["mean"] <= 0:
+            continue
+        kind = "auto" if r.get("auto") else "uniform"
+        pts.append(Point(r["name"], bits, r["kl"]["mean"],
+                         f"{r['name']} ({kind}): {bits:.3f} bits/weight, measured KL {r['kl']['mean']:.4f}"))
+    a = autos[0]["auto"]
+    curve = [(b, c) for b, c in a["frontier"] if c > 0]
+    notes = [f"Predicted frontier from {autos[0]['name']}'s sensitivity pass ({a['sensitivity']['score']} on "
+             f"{a['sensitivity']['windows']} × {a['sensitivity']['seq_len']} calibration tokens); points: KL "
+             f"measured on the perplexity file."]
+    notes += _skipped([r for r in variants if r.get("status", "ok") == "ok" and r.get("method") != REFERENCE],
+                      {p.name for p in pts}, "no measured KL or no bits per weight")
+    return Plot("scatter", "Auto-choose: predicted frontier and measured variants", "bits per weight (scales included)",
+                "KL to baseline (nats/token, log)", pts, palette, notes, curve=("predicted frontier", curve),
+                y_log=True)

@@ -112,3 +112,24 @@ def test_report_says_what_was_chosen(auto_run):
     assert "Auto-choose: targets, predicted and measured" in report and "Auto-choose: format per unit" in report
     bits = records["auto-6"]["auto"]["effective_bits"]
     assert f"| auto-6 | effective_bits 6 | {bits:.3f} |" in report
+
+
+def test_frontier_plot(auto_run):
+    """The predicted frontier as a curve under the built variants, placed by their measured KL (set here: the tiny
+    run measures no perplexity)."""
+    from compress.report.draw import svg
+    from compress.report.plots import auto_frontier, colours
+
+    _, records, _ = auto_run
+    variants = [dict(r, kl={"mean": 0.01 * (i + 1)}) for i, r in enumerate(records.values())]
+    plot = auto_frontier(variants, colours([r["name"] for r in variants]))
+    assert {p.name for p in plot.marks} == {"auto-6", "auto-kl"} and plot.curve[1] and plot.y_log
+    assert 'class="curve"' in svg(plot)
+
+
+def test_model_card_lists_every_unit(auto_run):
+    _, records, out = auto_run
+    card = (out / "auto-6" / "README.md").read_text()
+    assert "target effective_bits 6" in card
+    for u in records["auto-6"]["auto"]["units"]:
+        assert f"| {u['unit']} | {u['format']} |" in card
