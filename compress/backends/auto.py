@@ -290,12 +290,17 @@ def _compress_step(facts: dict, job, v: AutoVariant, model, tok, weights, cal):
     kept = []
     for u, j in zip(the_units, picks):
         (kept if v.formats[j] == UNQUANTIZED else assignment[v.formats[j]]).extend(u.modules)
+    if not any(assignment.values()):
+        raise InputError(f"variant {v.name}: target.{v.target.kind} {v.target.value:g} chooses every unit "
+                         f"unquantized, which is the baseline; expected a size target below "
+                         f"{chosen_bytes * 8 / weights_total:.4g} bits per weight, or a max_kl above the least "
+                         f"one-unit damage {min(c for row in cost_table for c in row if c > 0):.4g}")
     batch = None
     if cal is not None:
         batch, cal = job.calibration_windows(cal, tok)
     log.info("stage compress: %s with llm-compressor %s, %s", v.name, v.algorithm,
              ", ".join(f"{f} {len(m)} modules" for f, m in assignment.items()) + f", {len(kept)} unquantized")
-    compress_mixed(model, assignment, v.group_size, v.algorithm, [*v.ignore, *kept], batch)
+    compress_mixed(model, v, assignment, v.group_size, v.algorithm, [*v.ignore, *kept], batch)
 
     points = frontier.points()
     larger = [p for p in points if p[0] > chosen_bytes]

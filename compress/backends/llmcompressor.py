@@ -517,16 +517,18 @@ def compress_model(model, variant: VariantBase, windows: list[list[int]] | None,
     _oneshot(model, build_modifiers(variant, model.dtype), windows, pipeline)
 
 
-def compress_mixed(model, assignment: dict[str, list[str]], group_size: int | None, method: str, ignore: list[str],
-                   windows: list[list[int]] | None) -> None:
+def compress_mixed(model, variant: VariantBase, assignment: dict[str, list[str]], group_size: int | None,
+                   method: str, ignore: list[str], windows: list[list[int]] | None) -> None:
     """Quantize `model` in place with one format per module: `assignment` maps a SCHEMES name to the full names of
     the modules it takes (one config group each, targets by exact name, so config.json says it per module and vLLM
     picks a kernel per group); `ignore` stays unquantized. `method`'s modifiers (METHODS) at its default options
-    calibrate every group on the same windows."""
+    calibrate every group on the same windows; `variant`'s fp8 KV cache, if any, is calibrated with them."""
     lib = _lib()
     groups = {f"group_{k}": scheme_for(name, group_size if SCHEMES[name].groupable else None, targets=modules)
               for k, (name, modules) in enumerate((n, m) for n, m in assignment.items() if m)}
     q = {"ignore": list(ignore), "config_groups": groups}
+    if kv := kv_cache_scheme(variant):
+        q["kv_cache_scheme"] = kv
     options = SimpleNamespace(**METHODS[method].options)
     _oneshot(model, METHODS[method].modifiers(lib, options, q, model.dtype), windows, PIPELINE)
 

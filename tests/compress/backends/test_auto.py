@@ -133,3 +133,15 @@ def test_model_card_lists_every_unit(auto_run):
     assert "target effective_bits 6" in card
     for u in records["auto-6"]["auto"]["units"]:
         assert f"| {u['unit']} | {u['format']} |" in card
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"target": {"effective_bits": 40}}, "chooses every unit unquantized"),
+    ({"formats": ["W4A16", "W8A16"], "target": {"max_kl": 1e-9}}, "below the least predicted KL"),
+])
+def test_targets_known_unreachable_after_the_analysis(tmp_path, tiny_model, calib_file, change, match):
+    """Exit 2 (InputError) naming the closest reachable value, with no checkpoint written."""
+    recipe_path = write_recipe(tmp_path, tiny_model, calib_file, [{**AUTO[0], **change}])
+    with pytest.raises(InputError, match=match):
+        run_mod.run(load_recipe(recipe_path), recipe_path)
+    assert not (tmp_path / "run" / "auto-6").exists()
