@@ -232,16 +232,30 @@ def worker_death(log_text: str) -> str | None:
     return f"vLLM's worker {m.group(1)} died (exit code {code})"
 
 
+# vLLM's prefix on a process's log lines, e.g. "(Worker pid=10350) ERROR 12-07 13:21:34 [multiproc_executor.py:953] "
+_LOG_PREFIX = re.compile(r"^\((?:[\w ]+ )?pid=\d+\) [A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]+\] ?")
+# errors that only wrap the real one, which vLLM logged before them
+_WRAPPER = re.compile(r"See root cause above")
+
+
 def failure_reason(log_text: str) -> str:
-    """The last error of a server log that died (vLLM's own reason), with the indented line that details it when
-    there is one (a pydantic error names its cause there), or the log's last line."""
-    lines = [ln.rstrip() for ln in log_text.splitlines() if ln.strip()]
-    at = max((i for i, ln in enumerate(lines) if _ERROR.search(ln)), default=None)
+    """vLLM's own reason from the log of a server that died: the last error line that is not a wrapper around an
+    earlier one ("Engine core initialization failed. See root cause above"), with the indented lines that detail it
+    (a pydantic error's cause, the kernels vLLM tried and why each refused), or the log's last line."""
+    lines = [_LOG_PREFIX.sub("", ln.rstrip()) for ln in log_text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if ln.strip()]
+    errors = [i for i, ln in enumerate(lines) if _ERROR.search(ln)]
+    at = max((i for i in errors if not _WRAPPER.search(lines[i])), default=max(errors, default=None))
     if at is None:
         return (lines or ["no output"])[-1].strip()[-400:]
     text = lines[at].strip()
-    if at + 1 < len(lines) and lines[at + 1].startswith((" ", "\t")) and "File " not in lines[at + 1]:
-        text += " — " + lines[at + 1].strip()
+    details = []
+    for ln in lines[at + 1:]:
+        if not ln.startswith((" ", "\t")) or "File " in ln or ln.strip().startswith("For further information"):
+            break
+        details.append(ln.strip())
+    if details:
+        text = text.rstrip(": ") + " — " + "; ".join(details)
     return text[:400]
 
 

@@ -59,6 +59,24 @@ def test_failure_reason_is_the_last_error_line():
                                              "supported for now.")
 
 
+def test_failure_reason_is_the_root_cause_with_its_details():
+    """vLLM's engine wraps the worker's error ("See root cause above"); the reason is the worker's, with the kernels
+    vLLM tried and why each refused (the log of a W8A16 checkpoint on vLLM 0.32's CPU build, shortened)."""
+    w = "(Worker pid=10350) ERROR 12-07 13:21:34 [multiproc_executor.py:953] "
+    log = (f"{w}Traceback (most recent call last):\n{w}  File \"x.py\", line 930, in choose_mp_linear_kernel\n"
+           f"{w}    raise ValueError(\n"
+           f"{w}ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons: \n"
+           f"{w} Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint8b128\n"
+           f"{w} CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16\n"
+           "(EngineCore pid=10340) INFO 12-07 13:21:35 [core.py:1] [shutdown] Executor: all workers exited\n"
+           "EngineCore failed to start.\nTraceback (most recent call last):\n  File \"core.py\", line 1482\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert vllm.failure_reason(log) == (
+        "ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons — "
+        "Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint8b128; "
+        "CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16")
+
+
 def test_server_env_drops_our_thread_settings():
     """compress sets OMP_NUM_THREADS to every core for itself; vLLM binds its own OpenMP threads (one core of two
     here), and the inherited setting oversubscribed that core: decode many times slower."""
