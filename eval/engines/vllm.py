@@ -234,8 +234,9 @@ def worker_death(log_text: str) -> str | None:
 
 # vLLM's prefix on a process's log lines, e.g. "(Worker pid=10350) ERROR 12-07 13:21:34 [multiproc_executor.py:953] "
 _LOG_PREFIX = re.compile(r"^\((?:[\w ]+ )?pid=\d+\) [A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]+\] ?")
+_EXCEPTION = re.compile(r"^[\w.]*(Error|Exception)\b:?")
 # errors that only wrap the real one, which vLLM logged before them
-_WRAPPER = re.compile(r"See root cause above")
+_WRAPPER = re.compile(r"root cause")  # "See root cause above", "See stack trace for root cause"
 
 
 def failure_reason(log_text: str) -> str:
@@ -244,7 +245,10 @@ def failure_reason(log_text: str) -> str:
     (a pydantic error's cause, the kernels vLLM tried and why each refused), or the log's last line."""
     lines = [_LOG_PREFIX.sub("", ln.rstrip()) for ln in log_text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if ln.strip()]
-    errors = [i for i, ln in enumerate(lines) if _ERROR.search(ln)]
+    # an exception's own line ("ValueError: ...") before any line that merely mentions one (a warning, the
+    # traceback's `raise ValueError(` source line, which is indented)
+    errors = ([i for i, ln in enumerate(lines) if _EXCEPTION.match(ln)] or
+              [i for i, ln in enumerate(lines) if _ERROR.search(ln) and not ln.startswith((" ", "\t"))])
     at = max((i for i in errors if not _WRAPPER.search(lines[i])), default=max(errors, default=None))
     if at is None:
         return (lines or ["no output"])[-1].strip()[-400:]

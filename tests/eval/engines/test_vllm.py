@@ -69,6 +69,8 @@ def test_failure_reason_is_the_root_cause_with_its_details():
            f"{w} Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint8b128\n"
            f"{w} CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16\n"
            "(EngineCore pid=10340) INFO 12-07 13:21:35 [core.py:1] [shutdown] Executor: all workers exited\n"
+           "Exception: WorkerProc initialization failed due to an exception in a background process. See stack "
+           "trace for root cause.\n"
            "EngineCore failed to start.\nTraceback (most recent call last):\n  File \"core.py\", line 1482\n"
            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
     assert vllm.failure_reason(log) == (
