@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 
 from compress.report.rows import average_score, task_names
+from eval.engines.vllm import failure_reason
 
 
-def vllm_cell(r: dict) -> str:
+def vllm_cell(run: Path, r: dict) -> str:
+    """What vLLM did with the row: the kernel it named, or its own reason, read again from the server's log with
+    today's eval/engines/vllm.failure_reason (a run made before it knew vLLM's wrapper errors recorded those)."""
     v = r.get("vllm") or {}
     if not v:
         return "—"
@@ -24,7 +27,9 @@ def vllm_cell(r: dict) -> str:
         return "served: " + ("; ".join(v.get("kernels") or []) or "unquantized GEMM")
     if v.get("status") == "too slow":
         return f"loads ({'; '.join(v.get('kernels') or []) or 'kernel not named'}), too slow to measure"
-    return f"not served: {v.get('reason') or v.get('status')}"
+    log = run / "eval" / f"{r['name']}.vllm.log"
+    reason = failure_reason(log.read_text()) if log.is_file() else v.get("reason") or v.get("status")
+    return f"not served: {reason}"
 
 
 def main(runs: list[Path]) -> None:
@@ -50,7 +55,7 @@ def main(runs: list[Path]) -> None:
                   f"{'—' if avg is None else f'{100 * avg:.2f}'} | "
                   + (f"{rec['pct']:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if rec.get("pct") is not None and ci[0] is not None
                      else "—")
-                  + f" | {r.get('compress_seconds') or 0:.1f} | {vllm_cell(r)} |")
+                  + f" | {r.get('compress_seconds') or 0:.1f} | {vllm_cell(run, r)} |")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,10 @@ RESULT_PAGES = {
                        "on the same WikiText-2 test windows; and AutoRound against RTN and GPTQ on the same windows "
                        "(`benchmarks/recipes/autoround_*.yaml`).",
                        ["calibration_*.txt", "autoround_*.md"]),
+    "formats.md": ("Every format, side by side",
+                   "`recipes/smollm2-135m-formats.yaml`: each method x scheme pair built on the lab model, measured "
+                   "the same way, and what vLLM's CPU build did with it (`benchmarks/formats_table.py`).",
+                   ["formats_*.md"]),
     "compress-speed.md": ("Compression cost",
                           "`benchmarks/compress_speed.py`: the floor (one forward pass over the calibration "
                           "windows), compress, and llm-compressor's `oneshot` called directly.",

@@ -260,6 +260,8 @@ def failure_reason(log_text: str) -> str:
         details.append(ln.strip())
     if details:
         text = text.rstrip(": ") + " — " + "; ".join(details)
+    elif text.endswith("Reasons:"):  # vLLM lists none when no kernel of that kind exists on its platform
+        text += " none listed"
     return text[:400]
 
 
