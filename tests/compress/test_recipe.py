@@ -78,7 +78,7 @@ def test_baseline_row_is_added_and_defaults_filled(tmp_path):
     (_base(variants=[{"name": "b", "method": "bnb-nf4", "gguf_type": "Q4_0"}]), "variants[0].gguf_type",
      "does not take gguf_type; only gguf do"),
     (_base(variants=[{"name": "b", "method": "bnb-nf4", "group_size": 64}]), "variants[0].group_size",
-     "does not take group_size; only rtn, gptq, awq, smoothquant-gptq, autoround, fp8 do"),
+     "does not take group_size; only rtn, gptq, awq, smoothquant-gptq, autoround, fp8, auto do"),
     (_base(variants=[{"name": "b", "method": "gptq", "imatrix": True}]), "variants[0].imatrix", "only gguf do"),
     (_base(variants=[{"name": "s", "method": "rtn", "smoothing_strength": 0.5}]), "variants[0].smoothing_strength",
      "only method 'smoothquant-gptq'"),
