@@ -352,10 +352,11 @@ RESULT_PAGES = {
                        "on the same WikiText-2 test windows; and AutoRound against RTN and GPTQ on the same windows "
                        "(`benchmarks/recipes/autoround_*.yaml`).",
                        ["calibration_*.txt", "autoround_*.md"]),
-    "formats.md": ("Every format, side by side",
+    "formats.md": ("Every format, side by side, and auto-choose",
                    "`recipes/smollm2-135m-formats.yaml`: each method x scheme pair built on the lab model, measured "
-                   "the same way, and what vLLM's CPU build did with it (`benchmarks/formats_table.py`).",
-                   ["formats_*.md"]),
+                   "the same way, and what vLLM's CPU build did with it (`benchmarks/formats_table.py`); method "
+                   "`auto` beside the uniform formats it chooses between (`benchmarks/recipes/auto_smollm2_kl.yaml`).",
+                   ["formats_*.md", "auto_*.md"]),
     "compress-speed.md": ("Compression cost",
                           "`benchmarks/compress_speed.py`: the floor (one forward pass over the calibration "
                           "windows), compress, and llm-compressor's `oneshot` called directly.",
