@@ -33,8 +33,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from compress import choose, sensitivity
-from compress.backends.llmcompressor import METHODS, PIPELINE, SCHEMES, compress_mixed, fake_quantize_weights
-from compress.backends.llmcompressor import release_session
+from compress.backends.llmcompressor import (METHODS, PIPELINE, SCHEMES, compress_mixed, fake_quantize_weights,
+                                            meta_model, release_session)
 from compress.options import InputError, VariantBase, _Strict, field_error
 
 log = logging.getLogger("compress")
@@ -149,7 +149,7 @@ class AutoVariant(VariantBase):
         kind = self.target.kind
         if kind == "max_kl":  # known only after the sensitivity pass
             return []
-        model = _meta_model(config)
+        model = meta_model(config)
         the_units = sensitivity.units(model, self.granularity, tuple(self.ignore))
         low = size_table(self, the_units, dtype_bits).min(axis=1).sum()
         weights = sum(u.weights for u in the_units)
@@ -193,14 +193,6 @@ def size_table(v: AutoVariant, units, dtype_bits: int):
             elif sensitivity.allowed(u, v.format_group(name)):
                 out[i, j] = u.weights * SCHEMES[name].bits_per_weight(v.format_group(name), dtype_bits) / 8
     return out
-
-
-def _meta_model(config):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _other_bytes(model, unit_weights: int, dtype_bits: int) -> float:

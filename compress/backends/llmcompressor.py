@@ -616,9 +616,15 @@ def _ignored(name: str, module, ignore: list[str]) -> bool:
 def quantized_input_widths(config, ignore: list[str]) -> dict[str, int]:
     """Input width of every Linear a variant will quantize, from the config alone (weights on the meta device)."""
     import torch
+
+    return {name: m.in_features for name, m in meta_model(config).named_modules()
+            if isinstance(m, torch.nn.Linear) and not _ignored(name, m, ignore)}
+
+
+def meta_model(config):
+    """The model of `config` with its weights on the meta device: its module tree and shapes, no memory."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: m.in_features for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not _ignored(name, m, ignore)}
+        return AutoModelForCausalLM.from_config(config)
