@@ -301,6 +301,7 @@ def _compress_step(facts: dict, job, v: AutoVariant, model, tok, weights, cal):
         "formats": [v._format_label(f) for f in v.formats],
         "units": [{"unit": u.name, "format": v._format_label(v.formats[j]), "weights": u.weights}
                   for u, j in zip(the_units, picks)],
+        "counts": {v._format_label(f): n for f in v.formats if (n := sum(v.formats[j] == f for j in picks))},
         "effective_bits": round(chosen_bytes * 8 / weights_total, 4), "unit_bytes": int(chosen_bytes),
         "other_bytes": int(other), "predicted": {"score": how["score"], "value": frontier.cost_of(picks)},
         "next_point": ({"effective_bits": round(larger[0][0] * 8 / weights_total, 4), "predicted": larger[0][1]}

@@ -541,7 +541,7 @@ def _oneshot(model, modifiers: list, windows: list[list[int]] | None, pipeline: 
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    with _no_pinning_without_accelerator():
+    with _no_pinning_without_accelerator(), _one_product_per_input():
         oneshot(
             model=model,
             recipe=modifiers,
@@ -600,6 +600,43 @@ def _no_pinning_without_accelerator():
         yield
     finally:
         IntermediatesCache.pin_memory = original
+
+
+@contextlib.contextmanager
+def _one_product_per_input():
+    """GPTQ's Hessian of a Linear is the sum of X Xᵀ over its calibration inputs X. q, k and v read the same input
+    tensor, and so do gate and up, so llm-compressor 0.14 computes the same product three times (and twice) per
+    window: on SmolLM2 the Hessians were about a third of a GPTQ build, and these repeats a fifth of them
+    (the closing note of issue 29 has the profile). Here each distinct input tensor is multiplied once and its
+    product added to every Hessian that reads it: the same additions of the same numbers, so the Hessians, and
+    the checkpoint, are bit-identical (tests/compress/backends/test_llmcompressor.py compares them).
+
+    "The same input" is the same tensor object at the same version (no in-place change since), held here until the
+    next call so that its identity cannot be reused by another tensor."""
+    import torch
+    from llmcompressor.modifiers.gptq import base
+
+    original = base.accumulate_hessian
+    last: dict = {}
+
+    def accumulate(inp, module, hessian, num_samples):
+        if not isinstance(module, torch.nn.Linear):
+            return original(inp, module, hessian, num_samples)
+        seen = last.get("input") is inp and last["version"] == inp._version and \
+            last["product"].shape == hessian.shape and last["product"].device == hessian.device
+        if not seen:  # the original arithmetic on a zero Hessian: exactly the product (0 + x == x)
+            product, added = original(inp, module, torch.zeros_like(hessian), torch.zeros_like(num_samples))
+            last.update(input=inp, version=inp._version, product=product, added=added)
+        hessian += last["product"]
+        num_samples += last["added"]
+        return hessian, num_samples
+
+    base.accumulate_hessian = accumulate
+    try:
+        yield
+    finally:
+        base.accumulate_hessian = original
+        last.clear()
 
 
 def _ignored(name: str, module, ignore: list[str]) -> bool:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import html
 import io
+import math
 
 from compress.report.draw import svg
-from compress.report.plots import Plot
-from compress.report.rows import _one_line, _status_text
+from compress.report.plots import PALETTE, Plot
+from compress.report.rows import DASH, _one_line, _status_text
 from compress.report.sections import Section
 
 MD_TABLE_NOTE = "`—` = not measured (or the variant failed). Plots are in report.html; raw numbers in results.csv."
@@ -128,10 +129,12 @@ def _html_section(s: Section, level: int) -> list[str]:
     if s.kind == "variants":
         return out + [_variants_table(*s.content), f'<p class="note">{_e(HTML_TABLE_NOTE)}</p>']
     if s.kind == "table":
-        headers, rows, caption = s.content
-        body = ["<tr>" + "".join(_cell("td", _e(c), i < 2) for i, c in enumerate(row)) + "</tr>" for row in rows]
-        return out + [_table(s.id, [_cell("th", _e(h), i < 2) for i, h in enumerate(headers)], body),
-                      f'<p class="note">{_html_inline(caption)}</p>']
+        t = s.content
+        colour = _shades(t.rows, t.shade)
+        body = ["<tr>" + "".join(_cell("td", _e(c), i < 2, colour.get(c) if i else None) for i, c in enumerate(row))
+                + "</tr>" for row in t.rows]
+        return out + [_table(s.id, [_cell("th", _e(h), i < 2) for i, h in enumerate(t.headers)], body),
+                      f'<p class="note">{_html_inline(t.caption)}</p>']
     if s.kind == "list":
         label = f"<b>{_e(s.label)}:</b> " if s.label else ""
         return out + ["<ul>" + "".join(f"<li>{label}{_html_inline(item)}</li>" for item in s.content) + "</ul>"]
@@ -142,9 +145,34 @@ def _html_section(s: Section, level: int) -> list[str]:
     raise ValueError(f"unknown section kind {s.kind!r}")
 
 
-def _cell(tag: str, inner: str, is_text: bool) -> str:
+def _cell(tag: str, inner: str, is_text: bool, background: str | None = None) -> str:
     """A th or td around HTML; text columns are left-aligned, numbers right-aligned."""
-    return f'<{tag} class="{"text" if is_text else ""}">{inner}</{tag}>'
+    style = f' style="background:{background}"' if background else ""
+    return f'<{tag} class="{"text" if is_text else ""}"{style}>{inner}</{tag}>'
+
+
+def _shades(rows: list[list[str]], shade: str) -> dict[str, str]:
+    """A background per cell text of a heat-map table (Table.shade), the first column left out."""
+    values = [c for row in rows for c in row[1:] if c != DASH]
+    if shade == "category":  # one light colour per distinct value, in order of first appearance
+        distinct = list(dict.fromkeys(values))
+        return {v: PALETTE[i % len(PALETTE)] + "55" for i, v in enumerate(distinct)}
+    if shade == "scale":  # log scale from the smallest positive number (white) to the largest (dark red)
+        numbers = {v: float(v) for v in values if _is_number(v) and float(v) > 0}
+        if not numbers:
+            return {}
+        lo, hi = math.log10(min(numbers.values())), math.log10(max(numbers.values()))
+        return {v: f"rgba(225,87,89,{(math.log10(x) - lo) / (hi - lo) if hi > lo else 1:.2f})"
+                for v, x in numbers.items()}
+    return {}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _table(table_id: str, head: list[str], body: list[str]) -> str:

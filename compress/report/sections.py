@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from compress.report.plots import plots
 from compress.report.provenance import provenance
 from compress.report.rows import DASH, display_columns, task_names
-from compress.report.tables import (auto_map_table, auto_table, calibration_warnings, distill_table, gguf_table,
+from compress.report.tables import (auto_map_table, auto_sensitivity_table, auto_table, calibration_warnings, distill_table, gguf_table,
                                     kv_table, speed_summary, stage_table, vllm_sweep_table, vllm_table,
                                     vllm_tasks_table)
 
@@ -56,6 +56,8 @@ def sections(results: dict, rows: list[dict]) -> list[Section]:
                                      ("Distillation", "distill", distill_table(variants)),
                                      ("Auto-choose: targets, predicted and measured", "auto", auto_table(variants)),
                                      ("Auto-choose: format per unit", "auto-map", auto_map_table(variants)),
+                                     ("Auto-choose: sensitivity per unit", "auto-sensitivity",
+                                      auto_sensitivity_table(variants)),
                                      ("Served by vLLM", "vllm", vllm_table(variants)),
                                      ("vLLM serving sweep", "vllm-sweep", vllm_sweep_table(variants)),
                                      ("Tasks through vLLM", "vllm-tasks", vllm_tasks_table(variants)),

@@ -21,10 +21,15 @@ EDGE_UTILISATION = 0.5
 
 
 class Table(NamedTuple):
-    """A section table: headers, rows of cell text (the first cell names the variant), and the caption under it."""
+    """A section table: headers, rows of cell text (the first cell names the variant), and the caption under it.
+
+    `shade` makes the HTML table a heat map (the Markdown stays text): "category" colours each cell by its text (one
+    colour per distinct value), "scale" by its number on a log scale (darker = larger). The first column and the
+    dashes stay plain."""
     headers: list[str]
     rows: list[list[str]]
     caption: str
+    shade: str = ""
 
 
 def _ok(variants: list[dict]) -> list[dict]:
@@ -421,9 +426,6 @@ def auto_table(variants: list[dict]) -> Table | None:
     for r in autos:
         a = r["auto"]
         (kind, value), = a["target"].items()
-        counts: dict[str, int] = {}
-        for u in a["units"]:
-            counts[u["format"]] = counts.get(u["format"], 0) + 1
         measured = _get(r, "kl", "mean")
         met = DASH
         if kind == "max_kl" and measured is not None:
@@ -435,7 +437,7 @@ def auto_table(variants: list[dict]) -> Table | None:
         nxt = a.get("next_point")
         s = a["sensitivity"]
         rows.append([r["name"], f"{kind} {value:g}", f"{a['effective_bits']:.3f}",
-                     ", ".join(f"{f} ×{n}" for f, n in counts.items()), f"{a['predicted']['value']:.4f}",
+                     ", ".join(f"{f} ×{n}" for f, n in a["counts"].items()), f"{a['predicted']['value']:.4f}",
                      *_quality(r), met,
                      f"{nxt['effective_bits']:.3f} bits, predicted {nxt['predicted']:.4f}" if nxt else DASH,
                      f"{s['seconds']:.0f}" + (" (cached)" if s.get("cached") else "")])
@@ -461,10 +463,50 @@ def auto_map_table(variants: list[dict]) -> Table | None:
     cells: dict[tuple[str, str, str], str] = {}
     for r in autos:
         for u in r["auto"]["units"]:
-            layer, _, kind = u["unit"].rpartition(".") if u["unit"].count(".") > 1 else (u["unit"], "", "layer")
+            layer, kind = _layer_and_kind(u["unit"])
             kinds += [kind] if kind not in kinds else []
             layers += [layer] if layer not in layers else []
             cells[(r["name"], layer, kind)] = u["format"]
     headers = ["layer"] + [f"{r['name']}: {k}" for r in autos for k in kinds]
     rows = [[layer] + [cells.get((r["name"], layer, k), DASH) for r in autos for k in kinds] for layer in layers]
-    return Table(headers, rows, "Format per unit (vLLM's fused matrices: qkv, o, gate_up, down), per auto variant.")
+    return Table(headers, rows, "Format per unit (vLLM's fused matrices: qkv, o, gate_up, down), per auto variant.",
+                 shade="category")
+
+
+def _layer_and_kind(unit: str) -> tuple[str, str]:
+    """'layers.3.qkv_proj' -> ('layers.3', 'qkv_proj'); a whole decoder layer 'layers.3' -> ('layers.3', 'layer')."""
+    layer, _, kind = unit.rpartition(".") if unit.count(".") > 1 else (unit, "", "layer")
+    return layer, kind
+
+
+def auto_sensitivity_table(variants: list[dict]) -> Table | None:
+    """The sensitivity pass itself: each unit's damage alone in each format, per decoder layer (rows) and unit
+    (columns), for every distinct analysis of the run (auto variants with the same key share one)."""
+    seen: dict[str, dict] = {}
+    for r in _ok(variants):
+        if (s := _get(r, "auto", "sensitivity")) and s.get("key") not in seen:
+            seen[s.get("key")] = s
+    if not seen:
+        return None
+    headers, columns = ["layer"], []
+    layers: list[str] = []
+    cells: dict[tuple, str] = {}
+    for n, s in enumerate(seen.values()):
+        tag = f"analysis {n + 1}, " if len(seen) > 1 else ""
+        for unit, costs in zip(s["units"], s["costs"]):
+            layer, kind = _layer_and_kind(unit)
+            layers += [layer] if layer not in layers else []
+            for fmt, cost in zip(s["formats"], costs):
+                if fmt == "unquantized":
+                    continue
+                col = f"{tag}{kind} {fmt}"
+                if col not in columns:
+                    columns.append(col)
+                cells[(layer, col)] = DASH if cost is None else f"{cost:.2g}"
+    headers += columns
+    rows = [[layer] + [cells.get((layer, c), DASH) for c in columns] for layer in layers]
+    first = next(iter(seen.values()))
+    return Table(headers, rows, f"One unit at a time in each format, the rest of the model unquantized: the "
+                                f"{first['score']} damage (nats per token) on {first['windows']} × {first['seq_len']} "
+                                f"calibration tokens; {DASH} where the format's groups do not divide the unit. "
+                                f"What the choice sums; the evaluation measures the whole checkpoint.", shade="scale")

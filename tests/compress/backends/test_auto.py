@@ -39,6 +39,8 @@ def test_builds_a_mixed_checkpoint_that_reloads(auto_run, tiny_model):
     a = r["auto"]
     assert a["effective_bits"] <= 6 and len(a["units"]) == 8  # 2 layers x (qkv, o, gate_up, down)
     assert {u["format"] for u in a["units"]} <= {"W4A16-g32", "W8A16-g32", "unquantized"}
+    assert a["counts"] == {f: sum(u["format"] == f for u in a["units"]) for f in a["counts"]}
+    assert sum(a["counts"].values()) == len(a["units"]) and all(a["counts"].values())
     config = json.loads((out / "auto-6" / "config.json").read_text())["quantization_config"]
     targets = {t: g["weights"]["num_bits"] for g in config["config_groups"].values() for t in g["targets"]}
     modules = {u.name: u.modules for u in units(AutoModelForCausalLM.from_pretrained(tiny_model), "linear")}

@@ -199,3 +199,46 @@ def test_fake_quantize_weights_is_what_rtn_writes(tiny_model, scheme, group, dty
             torch.testing.assert_close(q.float(), written.to(dtype).float(), rtol=0, atol=0)
             assert not torch.equal(q, original[name])  # it did round
     assert sum(map(len, units)) == 14  # every quantized Linear of the 2 layers
+
+
+@pytest.mark.parametrize("method", ["gptq", "smoothquant-gptq"])
+def test_one_hessian_product_per_input_is_bit_identical(tiny_model, calib_file, method, monkeypatch):
+    """GPTQ with q/k/v (and gate/up) sharing one X Xᵀ per input writes the same weights, bit for bit, as
+    llm-compressor's own loop, which computes it once per Linear; and it computes fewer products."""
+    import contextlib
+
+    from llmcompressor.modifiers.gptq import helpers
+
+    from compress.backends import llmcompressor as quantize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [json.loads(line)["text"] for line in calib_file.read_text().splitlines()][:4]
+    windows = [tok(t)["input_ids"][:16] for t in texts]
+    windows = [w for w in windows if len(w) == 16]
+    assert len(windows) >= 2
+    calls = {"n": 0}
+    real = helpers.accumulate_hessian
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr("llmcompressor.modifiers.gptq.base.accumulate_hessian", counting)
+    v = parse_variant({"name": "g", "method": method, "bits": 4 if method == "gptq" else 8})
+    weights = {}
+    for shared in (False, True):
+        if not shared:
+            monkeypatch.setattr(quantize, "_one_product_per_input", contextlib.nullcontext)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr("llmcompressor.modifiers.gptq.base.accumulate_hessian", counting)
+        calls["n"] = 0
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+        quantize.compress_model(model, v, windows)
+        quantize.release_session()
+        weights[shared] = ({n: t.detach().clone() for n, t in model.state_dict().items()}, calls["n"])
+    (loop, loop_calls), (ours, our_calls) = weights[False], weights[True]
+    assert our_calls < loop_calls  # 7 Linears per layer read 4 distinct inputs
+    assert loop.keys() == ours.keys()
+    for name in loop:
+        assert torch.equal(loop[name], ours[name]), name

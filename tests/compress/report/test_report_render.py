@@ -194,3 +194,35 @@ def test_html_renders_in_a_headless_browser(tmp_path, results):
     run = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", url)
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def auto_record(name: str, key: str) -> dict:
+    units = ["layers.0.qkv_proj", "layers.0.down_proj", "layers.1.qkv_proj", "layers.1.down_proj"]
+    return {"name": name, "method": "auto", "scheme": "mixed", "status": "ok", "run": None,
+            "auto": {"target": {"effective_bits": 6}, "granularity": "linear", "algorithm": "gptq",
+                     "formats": ["W4A16-g64", "W8A16-g64", "unquantized"], "effective_bits": 5.9,
+                     "units": [{"unit": u, "format": f, "weights": 100}
+                               for u, f in zip(units, ["W4A16-g64", "W8A16-g64", "unquantized", "W4A16-g64"])],
+                     "counts": {"W4A16-g64": 2, "W8A16-g64": 1, "unquantized": 1},
+                     "predicted": {"score": "kl", "value": 0.2}, "next_point": None, "frontier": [[5.9, 0.2]],
+                     "sensitivity": {"key": key, "score": "kl", "windows": 4, "seq_len": 256, "seconds": 9.0,
+                                     "units": units, "formats": ["W4A16-g64", "W8A16-g64", "unquantized"],
+                                     "costs": [[0.02, 0.0001, 0.0], [0.3, None, 0.0], [0.05, 0.001, 0.0],
+                                               [0.01, 0.00001, 0.0]]}}}
+
+
+def test_auto_heat_maps(results):
+    """The format map is coloured by format and the sensitivity table by damage (log scale) in the HTML; the
+    Markdown keeps the text; two auto variants of one analysis show it once."""
+    results["variants"] += [auto_record("auto-a", "k1"), auto_record("auto-b", "k1")]
+    s = sections(results, variant_rows(results))
+    page = render_html(title(results), s)
+    md = render_markdown(title(results), s)
+    sens = page.split('id="auto-sensitivity"')[1].split("</table>")[0]
+    assert "<th class=\"\">down_proj W8A16-g64</th>" in sens and sens.count("<tr>") == 3  # 2 layers, one analysis
+    assert 'style="background:rgba(225,87,89,1.00)">0.3<' in sens  # the largest damage the darkest
+    assert 'style="background:rgba(225,87,89,0.00)">1e-05<' in sens  # the smallest white
+    fmt = page.split('id="auto-map"')[1].split("</table>")[0]
+    colours = set(re.findall(r'style="background:(#[0-9a-f]{8})">W4A16-g64<', fmt))
+    assert len(colours) == 1 and len(set(re.findall(r'style="background:(#[0-9a-f]{8})"', fmt))) == 3
+    assert "## Auto-choose: sensitivity per unit" in md and "background" not in md
