@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # run from a checkout without installing
 
-CALIBRATION = ROOT.parent / "shared" / "data" / "calibration" / "c4_validation_2k.jsonl"
 FORMATS = ["W4A16", "W8A16", "unquantized"]  # method auto's default candidates
 TARGETS_BITS = [4.75, 5.0, 5.5, 6.0, 7.0]
 
@@ -54,14 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
     from compress import choose, sensitivity
     from compress.backends.auto import size_table
     from compress.backends.llmcompressor import fake_quantize_weights
-    from compress.calibration import load_texts, pack_token_windows
     from compress.load import resolve_source
-    from compress.recipe import Calibration, ModelSpec, parse_variant
+    from compress.recipe import ModelSpec, parse_variant
+    from compress_speed import _windows  # the C4 calibration windows every calibration benchmark packs
 
     source = resolve_source(ModelSpec(), prepare=True)
     tok = AutoTokenizer.from_pretrained(source.path)
-    windows = pack_token_windows(load_texts(Calibration(source=str(CALIBRATION))), tok, args.windows, args.seq_len,
-                                 seed=0)
+    windows = _windows(tok, args.windows, args.seq_len)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     v = parse_variant({"name": "a", "method": "auto", "formats": FORMATS, "group_size": args.group_size,
                        "target": {"effective_bits": TARGETS_BITS[0]}})

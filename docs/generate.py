@@ -355,11 +355,14 @@ RESULT_PAGES = {
     "formats.md": ("Every format, side by side, and auto-choose",
                    "`recipes/smollm2-135m-formats.yaml`: each method x scheme pair built on the lab model, measured "
                    "the same way, and what vLLM's CPU build did with it (`benchmarks/formats_table.py`); method "
-                   "`auto` beside the uniform formats it chooses between (`benchmarks/recipes/auto_smollm2_kl.yaml`).",
-                   ["formats_*.md", "auto_*.md"]),
+                   "`auto` beside the uniform formats it chooses between (`benchmarks/recipes/auto_smollm2_kl.yaml`), "
+                   "and its two sensitivity scores compared (`benchmarks/sensitivity_scores.py`).",
+                   ["formats_*.md", "auto_*"]),
     "compress-speed.md": ("Compression cost",
                           "`benchmarks/compress_speed.py`: the floor (one forward pass over the calibration "
-                          "windows), compress, and llm-compressor's `oneshot` called directly.",
+                          "windows), compress, and llm-compressor's `oneshot` called directly; GPTQ's Hessians "
+                          "with one product per distinct input against one per Linear "
+                          "(`benchmarks/gptq_shared_inputs.py`).",
                           ["compress_*"]),
     "vllm.md": ("vLLM on a CPU",
                 "vLLM 0.32's CPU settings, a profiled decode step, and which kernel serves each scheme.",

@@ -190,9 +190,12 @@ ALIASES: dict[str, tuple[str, str]] = {"fp8": ("rtn", "FP8-dynamic")}
 # channels. SpinQuant's R1/R2 rotate the residual stream and each head's values and are fused into the neighbouring
 # weights, so the checkpoint is an ordinary one. QuIP is not offered: its input rotation stays an online transform
 # (`transform_config`) that transformers 5.17 does not apply when it reloads the checkpoint (self-check on the tests'
-# tiny Llama: 3.7 logits apart), so the checkpoint would not load unchanged
-ROTATIONS: dict[str, Callable] = {
-    "spinquant": lambda lib, v: lib.transform.SpinQuantModifier(transform_type="hadamard"),
+# tiny Llama: 3.7 logits apart), so the checkpoint would not load unchanged.
+# name -> SpinQuantModifier's settings, keyed with the name (key_fields). "random-hadamard": a Hadamard matrix of any
+# size with a known factor (SmolLM2's 576 = 16 x 36), from torch's default generator seed, so a rebuild is the same;
+# the deterministic "hadamard" takes powers of two only ("Cannot construct deterministic hadamard of size != 2^n")
+ROTATIONS: dict[str, dict] = {
+    "spinquant": {"transform_type": "random-hadamard"},
 }
 # the method options every first-format variant hashed as null when unset; they keep that (see key_fields)
 _FIRST_OPTIONS = ("smoothing_strength", "dampening_frac")
@@ -339,6 +342,8 @@ class LLMCompressorVariant(VariantBase):
         """The first format's shape where it could say the variant: a first scheme is keyed by bits and symmetric
         (`fp8` by its old method name), and its unset first options as null; anything else adds `scheme`."""
         out = super().key_fields()
+        if self.rotate:  # how it rotates, so that a change of transform is a new checkpoint
+            out["rotate"] = {"name": self.rotate, **ROTATIONS[self.rotate]}
         alias = next((a for a, pair in ALIASES.items() if pair == (self.method, self.scheme)), None)
         if self.scheme in self.entry.first_schemes:
             del out["scheme"]
@@ -490,7 +495,7 @@ def build_modifiers(variant: VariantBase, dtype=None) -> list:
         return [lib.quantization.QuantizationModifier(**q)]
     rotation = []
     if variant.rotate:  # Hadamard transforms fused into the weights (and the online ones applied by vLLM)
-        rotation = [ROTATIONS[variant.rotate](lib, variant)]
+        rotation = [lib.transform.SpinQuantModifier(**ROTATIONS[variant.rotate])]
     q["config_groups"] = {"group_0": weight_scheme(variant)}
     return rotation + variant.entry.modifiers(lib, variant, q, dtype)
 
@@ -606,10 +611,10 @@ def _no_pinning_without_accelerator():
 def _one_product_per_input():
     """GPTQ's Hessian of a Linear is the sum of X Xᵀ over its calibration inputs X. q, k and v read the same input
     tensor, and so do gate and up, so llm-compressor 0.14 computes the same product three times (and twice) per
-    window: on SmolLM2 the Hessians were about a third of a GPTQ build, and these repeats a fifth of them
-    (the closing note of issue 29 has the profile). Here each distinct input tensor is multiplied once and its
-    product added to every Hessian that reads it: the same additions of the same numbers, so the Hessians, and
-    the checkpoint, are bit-identical (tests/compress/backends/test_llmcompressor.py compares them).
+    window: 7 products per decoder layer where 4 differ. Here each distinct input tensor is multiplied once and its
+    product added to every Hessian that reads it: the same additions of the same numbers, so the Hessians, and the
+    checkpoint, are bit-identical (tests/compress/backends/test_llmcompressor.py compares them; what it saves:
+    benchmarks/gptq_shared_inputs.py, benchmarks/results/compress_gptq_shared_inputs_epyc.txt).
 
     "The same input" is the same tensor object at the same version (no in-place change since), held here until the
     next call so that its identity cannot be reused by another tensor."""
