@@ -189,7 +189,8 @@ def check_resources(recipe: Recipe, source: Source, config, device: str, dtype, 
     resources.check_disk(items)
     if to_build and device == "cpu":
         peak = resources.check_memory(config, dtype_bytes, str(dtype).removeprefix("torch."),
-                                      offload.max_cpu_memory_gb if offload else None)
+                                      offload.max_cpu_memory_gb if offload else None,
+                                      max(v.analysis_bytes(config, dtype_bytes) for v in to_build))
         log.info("stage resources: %d variant(s) to build write about %.3g GB to %s; expected peak memory %.3g GB",
                  len(to_build), sum(needs[v.name] for v in to_build) / 1e9, output, peak / 1e9)
     # on a GPU the weights live in GPU memory, which `compress plan` sizes; host RAM holds little of them

@@ -270,6 +270,11 @@ class VariantBase(_Strict):
         work); the group sizes of the llm-compressor schemes are checked there for every variant."""
         return []
 
+    def analysis_bytes(self, config, dtype_bytes: int) -> int:
+        """Bytes this variant holds beside its loaded model before it quantizes (method auto's sensitivity pass), for
+        the run's memory check (compress/resources.py); 0 for a variant that holds nothing extra then."""
+        return 0
+
     def weight_format(self) -> tuple[int, int | None]:
         """(bits, group_size) of the stored weights, for size and memory estimates; 16-bit when unquantized."""
         return getattr(self, "bits", None) or 16, getattr(self, "group_size", None)

@@ -95,19 +95,27 @@ def check_disk(needs: dict[Path, list[tuple[str, int]]], where_else: str = "poin
         raise InputError("\n".join(errors))
 
 
-def expected_peak_memory_bytes(config, dtype_bytes: int, offload_gb: float | None) -> int:
+def expected_peak_memory_bytes(config, dtype_bytes: int, offload_gb: float | None, analysis_bytes: int = 0) -> int:
+    """PEAK_WEIGHT_COPIES of the weights held in memory, or the whole model plus a variant's analysis (method auto's
+    sensitivity pass, which runs on the model in memory before it is quantized) when that is more, plus the
+    libraries."""
     held = offload_gb * GB if offload_gb else params(config) * dtype_bytes
-    return int(held * PEAK_WEIGHT_COPIES + RUNTIME_BYTES)
+    analysis = params(config) * dtype_bytes + analysis_bytes if analysis_bytes else 0
+    return int(max(held * PEAK_WEIGHT_COPIES, analysis) + RUNTIME_BYTES)
 
 
-def check_memory(config, dtype_bytes: int, dtype_name: str, offload_gb: float | None) -> int:
+def check_memory(config, dtype_bytes: int, dtype_name: str, offload_gb: float | None, analysis_bytes: int = 0) -> int:
     """Raise InputError when the run's expected peak memory exceeds what is available; returns the estimate."""
-    need, have = expected_peak_memory_bytes(config, dtype_bytes, offload_gb), available_memory_bytes()
+    need = expected_peak_memory_bytes(config, dtype_bytes, offload_gb, analysis_bytes)
+    have = available_memory_bytes()
     if have is not None and need > have:
         weights = params(config) * dtype_bytes
+        what = (f"the model plus {analysis_bytes / GB:.3g} GB for method auto's sensitivity pass"
+                if need > expected_peak_memory_bytes(config, dtype_bytes, offload_gb) else
+                f"{PEAK_WEIGHT_COPIES:g} copies of the weights")
         raise InputError(f"model: not enough memory: the model's weights are {weights / GB:.3g} GB in {dtype_name}, "
-                         f"a run holds about {need / GB:.3g} GB at its peak ({PEAK_WEIGHT_COPIES:g} copies of the "
-                         f"weights plus {RUNTIME_BYTES / GB:.3g} GB of libraries) and {have / GB:.3g} GB is "
+                         f"a run holds about {need / GB:.3g} GB at its peak ({what} plus "
+                         f"{RUNTIME_BYTES / GB:.3g} GB of libraries) and {have / GB:.3g} GB is "
                          f"available; set model.offload: {{max_cpu_memory_gb: N}}, model.dtype: bfloat16, or use a "
                          f"larger machine")
     return need

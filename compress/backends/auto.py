@@ -159,6 +159,26 @@ class AutoVariant(VariantBase):
                                f"in its smallest format); expected at least that")]
         return []
 
+    def analysis_bytes(self, config, dtype_bytes: int) -> int:
+        """The sensitivity pass's own memory beside the model (compress/sensitivity.py), from the config.
+
+        kl: every decoder layer's recorded input on every window (model dtype) and the baseline's log-probabilities
+        (fp32, tokens x vocabulary), plus one window's logits, log-probabilities and their product during a replay.
+        fisher: a squared-gradient accumulator (fp32) and a gradient (model dtype) per unit weight, plus one window's
+        activations kept for the backward pass (about a dozen hidden-wide and four intermediate-wide tensors per
+        layer) and its logits, log-probabilities and their gradient."""
+        a = self.analysis
+        vocab, hidden, layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
+        window_logits = a.seq_len * vocab * 4 * 3
+        if a.score == "kl":
+            return (layers * a.windows * a.seq_len * hidden * dtype_bytes + a.windows * a.seq_len * vocab * 4
+                    + window_logits)
+        from compress.planner import parameters
+
+        unit_weights = parameters(config) - 2 * vocab * hidden  # every Linear of the decoder layers, roughly
+        activations = layers * a.seq_len * (12 * hidden + 4 * config.intermediate_size) * dtype_bytes
+        return unit_weights * (4 + dtype_bytes) + activations + window_logits
+
     def build(self, job) -> dict:
         from compress.build import transformers_checkpoint
 

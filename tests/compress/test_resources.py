@@ -61,3 +61,25 @@ def test_out_of_memory_and_other_errors_are_one_line(tmp_path):
     assert oom.startswith("out of memory while building or measuring") and str(tmp_path / "rtn") in oom
     other = resources.one_line(ValueError("bad\nthing"), tmp_path)
     assert other == "ValueError: bad thing"
+
+
+def test_memory_check_counts_the_sensitivity_pass(monkeypatch):
+    """Method auto holds the whole model and its analysis at once: the check takes that when it is more than the
+    usual peak, and says so when it refuses."""
+    config = LlamaConfig(vocab_size=50_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    auto = parse_variant({"name": "a", "method": "auto", "target": {"effective_bits": 5},
+                          "analysis": {"windows": 8, "seq_len": 512}})
+    fisher = parse_variant({"name": "f", "method": "auto", "target": {"effective_bits": 5},
+                            "analysis": {"windows": 8, "seq_len": 512, "score": "fisher"}})
+    assert parse_variant({"name": "g", "method": "gptq"}).analysis_bytes(config, 4) == 0
+    kl_bytes = auto.analysis_bytes(config, 4)
+    assert kl_bytes >= 8 * 512 * 50_000 * 4  # the baseline's log-probabilities alone
+    assert fisher.analysis_bytes(config, 4) > 0
+    usual = resources.expected_peak_memory_bytes(config, 4, None)
+    with_auto = resources.expected_peak_memory_bytes(config, 4, None, kl_bytes)
+    assert with_auto == resources.params(config) * 4 + kl_bytes + resources.RUNTIME_BYTES > usual
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: (usual + with_auto) // 2)
+    assert resources.check_memory(config, 4, "float32", None) == usual
+    with pytest.raises(InputError, match=r"the model plus [0-9.]+ GB for method auto's sensitivity pass"):
+        resources.check_memory(config, 4, "float32", None, kl_bytes)
