@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--memory-only", choices=("kl", "fisher"),
+                   help="run this score alone in this process and print its peak RSS beside the memory check's "
+                        "estimate (a second score in the same process starts from the first one's heap)")
     args = p.parse_args(argv)
 
     from compress.environment import configure_cpu, cpu_features
@@ -72,8 +75,23 @@ def main(argv: list[str] | None = None) -> dict:
     from compress.load import load_config
     from compress.resources import expected_peak_memory_bytes
 
-    out["memory_check_bytes"] = expected_peak_memory_bytes(load_config(source), 4, None)  # what a run refuses above
+    config = load_config(source)
+    out["memory_check_bytes"] = expected_peak_memory_bytes(config, 4, None)  # the check without an auto variant
     out["peak_rss_bytes"] = {}
+    if args.memory_only:
+        a = parse_variant({"name": "a", "method": "auto", "formats": FORMATS, "group_size": args.group_size,
+                           "target": {"effective_bits": TARGETS_BITS[0]},
+                           "analysis": {"windows": args.windows, "seq_len": args.seq_len, "score": args.memory_only}})
+        estimate = expected_peak_memory_bytes(config, 4, None, a.analysis_bytes(config, 4))
+        reset_peak_memory("cpu")
+        t0 = time.perf_counter()
+        sensitivity.SCORES[args.memory_only](model, windows, units, formats, fake_quantize_weights)
+        peak = peak_memory_bytes("cpu")[0]
+        print(f"{args.memory_only} alone: {time.perf_counter() - t0:.1f} s, peak RSS {peak / 1e9:.2f} GB; the run's "
+              f"memory check with this analysis counted: {estimate / 1e9:.2f} GB")
+        print(json.dumps({"score": args.memory_only, "peak_rss_bytes": peak, "memory_check_bytes": estimate,
+                          "windows": args.windows, "seq_len": args.seq_len}))
+        return {}
     for score in ("kl", "fisher"):
         reset_peak_memory("cpu")
         t0 = time.perf_counter()

@@ -212,6 +212,7 @@ def measure_fisher(model, windows, the_units: list[Unit], formats: list, quantiz
             grads = torch.autograd.grad(loss, list(params.values()))
             for n, g in zip(params, grads):
                 fisher[n] += g.float() ** 2 * (len(w) - 1) / len(windows)
+            del grads, loss  # else the next window's gradients are made while these are still held: twice the memory
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
