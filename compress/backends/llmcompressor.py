@@ -613,8 +613,8 @@ def _one_product_per_input():
     tensor, and so do gate and up, so llm-compressor 0.14 computes the same product three times (and twice) per
     window: 7 products per decoder layer where 4 differ. Here each distinct input tensor is multiplied once and its
     product added to every Hessian that reads it: the same additions of the same numbers, so the Hessians, and the
-    checkpoint, are bit-identical (tests/compress/backends/test_llmcompressor.py compares them; what it saves:
-    benchmarks/gptq_shared_inputs.py, benchmarks/results/compress_gptq_shared_inputs_epyc.txt).
+    checkpoint, are bit-identical (tests/compress/backends/test_llmcompressor.py compares them;
+    benchmarks/gptq_shared_inputs.py times both ways on SmolLM2 and compares their weights).
 
     "The same input" is the same tensor object at the same version (no in-place change since), held here until the
     next call so that its identity cannot be reused by another tensor."""
