@@ -103,8 +103,9 @@ def _auto_lines(a: dict) -> list[str]:
     """Method auto: the target, what was chosen, what was predicted, and the format of every unit."""
     (kind, value), = a["target"].items()
     s = a["sensitivity"]
+    counts = ", ".join(f"{f}: {n} units" for f, n in a["counts"].items())
     lines = [f"- target {kind} {value:g}: chosen from {', '.join(a['formats'])} per {a['granularity']} unit, "
-             f"{a['effective_bits']:.3f} bits per weight ({', '.join(f'{f}: {n} units' for f, n in a['counts'].items())}), "
+             f"{a['effective_bits']:.3f} bits per weight ({counts}), "
              f"calibrated by {a['algorithm']}",
              f"- predicted {a['predicted']['score']} damage {a['predicted']['value']:.4g} (summed one-unit "
              f"{s['score']} on {s['windows']} x {s['seq_len']} calibration tokens; the evaluation below measures it)",

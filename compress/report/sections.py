@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from compress.report.plots import plots
 from compress.report.provenance import provenance
 from compress.report.rows import DASH, display_columns, task_names
-from compress.report.tables import (auto_map_table, auto_sensitivity_table, auto_table, calibration_warnings, distill_table, gguf_table,
-                                    kv_table, speed_summary, stage_table, vllm_sweep_table, vllm_table,
-                                    vllm_tasks_table)
+from compress.report.tables import (auto_map_table, auto_sensitivity_table, auto_table, calibration_warnings,
+                                    distill_table, gguf_table, kv_table, speed_summary, stage_table, vllm_sweep_table,
+                                    vllm_table, vllm_tasks_table)
 
 
 @dataclass(frozen=True)

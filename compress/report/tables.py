@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from compress.backends.auto import UNQUANTIZED
 from compress.backends.unchanged import REFERENCE
 from compress.record import STAGES
 from compress.report.rows import CONTENDED, DASH, MB, _fmt, _get, _pm, baselines, engine_text
@@ -497,7 +498,7 @@ def auto_sensitivity_table(variants: list[dict]) -> Table | None:
             layer, kind = _layer_and_kind(unit)
             layers += [layer] if layer not in layers else []
             for fmt, cost in zip(s["formats"], costs):
-                if fmt == "unquantized":
+                if fmt == UNQUANTIZED:
                     continue
                 col = f"{tag}{kind} {fmt}"
                 if col not in columns:
