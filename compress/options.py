@@ -339,6 +339,9 @@ class ThroughputSettings(_Strict):
     # speed ratios (x baseline) come from interleaved rounds, baseline and variant alternated in one process
     # (eval/interleaved.py); 8 rounds make the 95% interval of the median ratio [min, max] (99.2% coverage)
     rounds: int = Field(8, gt=0)
+    # fewer rounds when they already say it: the rounds stop once the quiet ones give a 95% interval (6 rounds:
+    # [min, max], 96.9%) no wider than this share of its median; null: always `rounds`
+    ratio_width: float | None = Field(0.05, gt=0)
     # a timed run (or round) during which other processes used, or the hypervisor stole, more than
     # `contention_threshold` of our cores' CPU time is timed again, at most `retries` more times; then it is flagged
     retries: int = Field(8, ge=0)
@@ -383,6 +386,12 @@ class VLLMSettings(_Strict):
     # names of the variants to run them for (each costs a full lm-eval pass; a name added to the list measures that
     # row again, not the others)
     tasks: bool | list[str] = False
+    # requests in flight of lm-eval's client in those passes; vLLM batches what is in flight: 8 requests of 8
+    # prompts took about half the time of 4 of 1 on the lab's baseline, same documents (benchmarks/
+    # lm_eval_served_speed.py; benchmarks/results/lm_eval_served_speed_spr.txt). A batched bf16 forward differs from
+    # a lone one in the last bits, so a few items near a tie can flip with this and the next: both are in the key
+    tasks_concurrency: int = Field(8, gt=0)
+    tasks_batch_size: int = Field(8, gt=0)  # prompts per request of lm-eval's client in those passes
     # faster vLLM paths on this hardware that change the math (eval/engines/vllm.RUNTIME_PATHS, e.g. w4a8: W4A16
     # checkpoints run with uint8 activations on AMX CPUs), each for every variant it applies to or for the variants
     # named ({w4a8: [gptq-w4a16]}): a second served row of the same checkpoint, measured in full; every other row

@@ -147,6 +147,8 @@ class SpeedRatio(_Block):
     verdict: str | None = None
     rounds: int | None = None
     rounds_run: int | None = None
+    rounds_max: int | None = None
+    stopped_early: str | None = None  # why fewer than rounds_max rounds were run (eval/interleaved.tight)
     baseline_tok_per_sec: Num | None = None
     tok_per_sec: Num | None = None
     contention: Contention | None = None

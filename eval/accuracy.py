@@ -89,18 +89,18 @@ def _shared_context_lm(hflm):
 
 
 def run_tasks_served(url: str, model_name: str, tokenizer_folder: Path, tasks: list[str], data_dir: Path, *,
-                     num_fewshot: int, limit: int | None, concurrent: int = 4) -> dict:
+                     num_fewshot: int, limit: int | None, concurrent: int, batch_size: int) -> dict:
     """The same tasks through a running OpenAI-compatible server (vLLM's), with lm-eval's `local-completions`
     model: token-id prompts (the checkpoint's own tokenizer), loglikelihoods from the server's echoed prompt
-    logprobs, `concurrent` requests in flight so the server batches them (and its prefix cache shares a question's
-    context across its answer choices). Same output as `run_tasks`."""
+    logprobs, `concurrent` requests in flight of `batch_size` prompts each, so the server batches them (and its
+    prefix cache shares a question's context across its answer choices). Same output as `run_tasks`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     lm = LocalCompletionsAPI(base_url=url, model=model_name, tokenizer=str(tokenizer_folder),
-                             tokenizer_backend="huggingface", num_concurrent=concurrent, max_retries=3,
-                             tokenized_requests=True, max_length=2048)
+                             tokenizer_backend="huggingface", num_concurrent=concurrent, batch_size=batch_size,
+                             max_retries=3, tokenized_requests=True, max_length=2048)
     return _evaluate(lm, tasks, data_dir, num_fewshot=num_fewshot, limit=limit)
 
 

@@ -15,6 +15,11 @@ probability 1 - 2 P(Binomial(n, 1/2) < k), whatever the distribution. With 8 rou
 [min, max] (99.2% coverage); 12 rounds give [r_(3), r_(10)] (96.1%). An interval that contains 1.0 is reported as
 "no measurable difference", never as a speed-up or a slow-down.
 
+Fewer rounds when they already say it: with `width` set, the rounds stop as soon as the quiet ones are enough for
+the interval to have its coverage (6 at 95%) and that interval is no wider than `width` times its median: a row
+whose ratio is 0.80 [0.79, 0.82] after 6 rounds would only narrow it with 8, at a fifth of a row's speed-stage
+time. A wide interval (a noisy row) still gets every round.
+
 Each timed run is also bracketed by eval/contention: a round in which either run was contended is timed again
 (at most `retries` more rounds), and when `rounds` quiet rounds were not had by then, the ratio comes from every
 round and is flagged `contended`. Works for any two engines that give a batch-1 `open_decoder` (transformers,
@@ -57,19 +62,42 @@ def verdict(lo: float, hi: float) -> str:
     return "faster" if lo > 1.0 else "slower"
 
 
+def fewest_rounds(level: float = LEVEL) -> int:
+    """The fewest values whose median interval has coverage `level` ([min, max]: 1 - 2 / 2^n >= level)."""
+    n = 1
+    while 1 - 2 / 2 ** n < level:
+        n += 1
+    return n
+
+
+def tight(ratios: list[float], width: float | None, level: float = LEVEL) -> bool:
+    """Whether quiet rounds with these ratios may stop: enough of them for the interval's coverage, and the interval
+    within `width` x its median (None: never early)."""
+    if width is None or len(ratios) < fewest_rounds(level):
+        return False
+    lo, hi, _ = median_interval(ratios, level)
+    return hi - lo <= width * statistics.median(ratios)
+
+
 def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
-               threshold: float = contention.THRESHOLD, level: float = LEVEL, pids=None) -> dict:
+               threshold: float = contention.THRESHOLD, level: float = LEVEL, pids=None,
+               width: float | None = None) -> dict:
     """Alternate `run_a` (the baseline) and `run_b` (the variant), each `() -> (ttft_s, decode_s, tokens)` of a
-    batch-1 greedy decode of `new_tokens` tokens, until `rounds` quiet rounds are had or `rounds + retries` were
-    run; return the ratio b/a per round, its median and interval, each side's median tok/s over the same rounds,
-    and the contention of every timed window. `pids`: a callable giving the server processes that decode for us
-    (vLLM's), whose CPU time is ours, not contention."""
+    batch-1 greedy decode of `new_tokens` tokens, until `rounds` quiet rounds are had (or fewer that are `tight`
+    within `width`) or `rounds + retries` were run; return the ratio b/a per round, its median and interval, each
+    side's median tok/s over the same rounds, and the contention of every timed window. `pids`: a callable giving
+    the server processes that decode for us (vLLM's), whose CPU time is ours, not contention."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     steps = new_tokens - 1
     run_a(), run_b()  # warm-up of both (allocator, decompression, kernels), outside the rounds
     per_round, samples = [], []
-    while sum(not r["contended"] for r in per_round) < rounds and len(per_round) < rounds + retries:
+
+    def quiet_ratios() -> list[float]:
+        return [r["ratio"] for r in per_round if not r["contended"]]
+
+    while (len(quiet_ratios()) < rounds and len(per_round) < rounds + retries
+           and not tight(quiet_ratios(), width, level)):
         order = "ab" if len(per_round) % 2 == 0 else "ba"
         tok, seen = {}, {}
         for side in order:
@@ -83,12 +111,14 @@ def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
                           "others_cpu_share": max(seen["a"]["others_cpu_share"] or 0, seen["b"]["others_cpu_share"] or 0),
                           "steal_share": max(seen["a"]["steal_share"] or 0, seen["b"]["steal_share"] or 0)})
     quiet = [r for r in per_round if not r["contended"]]
-    used = quiet if len(quiet) >= rounds else per_round
+    early = len(quiet) < rounds and tight(quiet_ratios(), width, level)
+    used = quiet if len(quiet) >= rounds or early else per_round
     lo, hi, coverage = median_interval([r["ratio"] for r in used], level)
     used_samples = [s for i, s in enumerate(samples) if per_round[i // 2] in used]
     return {"ratio": statistics.median(r["ratio"] for r in used), "ratio_lo": lo, "ratio_hi": hi,
             "coverage": coverage, "level": level, "verdict": verdict(lo, hi),
-            "rounds": len(used), "rounds_run": len(per_round),
+            "rounds": len(used), "rounds_run": len(per_round), "rounds_max": rounds,
+            "stopped_early": f"interval within {width:g} x its median after {len(quiet)} quiet rounds" if early else None,
             "baseline_tok_per_sec": statistics.median(r["baseline_tok_per_sec"] for r in used),
             "tok_per_sec": statistics.median(r["tok_per_sec"] for r in used),
             "contention": contention.summary(samples, used_samples, retries=retries, threshold=threshold),
@@ -96,14 +126,15 @@ def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
 
 
 def speed_ratio(baseline: dict, variant: dict, *, prompt_tokens: int, new_tokens: int, rounds: int, retries: int,
-                threshold: float = contention.THRESHOLD) -> dict:
+                threshold: float = contention.THRESHOLD, width: float | None = None) -> dict:
     """Load both checkpoints (each an eval/engines.Row.decoder_spec) in this process and `interleave` them."""
     from eval.engines import open_decoder
 
     a_run, a_close, a_info = open_decoder(baseline, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     b_run, b_close, b_info = open_decoder(variant, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     try:
-        out = interleave(a_run, b_run, new_tokens=new_tokens, rounds=rounds, retries=retries, threshold=threshold)
+        out = interleave(a_run, b_run, new_tokens=new_tokens, rounds=rounds, retries=retries, threshold=threshold,
+                         width=width)
     finally:
         b_close()
         a_close()

@@ -455,14 +455,15 @@ def _ratio(t, record: dict, base: dict, base_measured: dict, speed: dict, device
                     "%.1f GB free", name, need / 1e9, free / 1e9)
         return {"skipped": f"the variant and the baseline need {need / 1e9:.1f} GB together, {free / 1e9:.1f} GB "
                            f"free: the interleaved ratio needs both loaded at once"}
-    log.info("stage speed-ratio: %s vs %s, %d interleaved rounds (batch 1, own process)", name, base["name"],
-             t.rounds)
+    log.info("stage speed-ratio: %s vs %s, at most %d interleaved rounds (batch 1, own process)", name,
+             base["name"], t.rounds)
     out = speed_ratio_in_subprocess(for_row(base).decoder_spec(t, device, dtype),
                                     for_row(record).decoder_spec(t, device, dtype),
                                     prompt_tokens=t.prompt_tokens, new_tokens=t.new_tokens, rounds=t.rounds,
-                                    retries=t.retries, threshold=t.contention_threshold)
-    log.info("stage speed-ratio: %s %.3fx the baseline [%.3f, %.3f] (%s)%s", name, out["ratio"], out["ratio_lo"],
-             out["ratio_hi"], out["verdict"], ", CONTENDED" if out["contention"]["contended"] else "")
+                                    retries=t.retries, threshold=t.contention_threshold, width=t.ratio_width)
+    log.info("stage speed-ratio: %s %.3fx the baseline [%.3f, %.3f] (%s) from %d rounds%s", name, out["ratio"],
+             out["ratio_lo"], out["ratio_hi"], out["verdict"], out["rounds"],
+             ", CONTENDED" if out["contention"]["contended"] else "")
     return out
 
 

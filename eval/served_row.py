@@ -166,12 +166,14 @@ def measure(server, *, ev, record: dict, tokenizer, ppl_ids, reference: dict, ru
                 out["tasks"] = run_tasks_served(f"http://127.0.0.1:{server.port}/v1/completions", server.name,
                                                 Path(record["checkpoint"]), ev.tasks,
                                                 Path(ev.data_dir).expanduser(), num_fewshot=ev.num_fewshot,
-                                                limit=ev.limit)
+                                                limit=ev.limit, concurrent=s.tasks_concurrency,
+                                                batch_size=s.tasks_batch_size)
         except Exception as e:  # the other vLLM figures stand; the tasks say why they are missing
             out["tasks_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             log.warning("stage vllm: %s tasks through vLLM failed: %s", label, out["tasks_error"])
             return out
         out["tasks_seconds"] = time.perf_counter() - t0
+        out["tasks_client"] = {"concurrent": s.tasks_concurrency, "batch_size": s.tasks_batch_size}
         log.info("stage vllm: %s tasks through vLLM in %.0f s: %s", label, out["tasks_seconds"],
                  ", ".join(f"{t} {100 * x['value']:.1f}" for t, x in out["tasks"].items()))
     return out

@@ -46,6 +46,10 @@ def env_vars(settings, env: dict, runtime: str | None = None) -> dict:
     return out
 
 
+# the lm-eval client's settings: part of the key of the rows whose tasks go through vLLM, of no other row's
+TASK_CLIENT = ("tasks_concurrency", "tasks_batch_size")
+
+
 def key(ev, record: dict, base: dict | None, env: dict, device: str, runtime: str | None = None) -> str:
     """What a row's vLLM figures depend on: its checkpoint, its serve line, the vLLM environment (and its probe),
     the settings, the runtime path, the perplexity windows and text, the self-check prompts, the ratio's settings and
@@ -59,12 +63,13 @@ def key(ev, record: dict, base: dict | None, env: dict, device: str, runtime: st
             # change this one; `tasks` names the rows whose lm-eval pass goes through vLLM: a row's key holds only
             # its own answer, so adding a row to that list measures that row again, not every other one
             "settings": ev.vllm.model_dump(exclude={"min_tok_per_sec", "probe_timeout_s", "tasks",
-                                                    "runtime_variants"}),
+                                                    "runtime_variants", *TASK_CLIENT}),
             "runtime": runtime, "prompts": ev.selfcheck_prompts,
             "perplexity": ev.perplexity.model_dump() if ev.perplexity else None, "ppl_file": ppl_file_digest(ev),
             "throughput": ev.throughput.model_dump() if ev.throughput else None,
             "baseline": base["cache_key"] if base else None,
-            "tasks": (ev.tasks, ev.num_fewshot, ev.limit) if runs_tasks(ev, record["name"], runtime) else None}
+            "tasks": (ev.tasks, ev.num_fewshot, ev.limit, *(getattr(ev.vllm, k) for k in TASK_CLIENT))
+            if runs_tasks(ev, record["name"], runtime) else None}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -344,10 +344,11 @@ def vllm_tasks_table(variants: list[dict]) -> Table | None:
     headers = ["variant", "task (metric)", "vLLM (%)", "transformers (%)", "gap / combined stderr",
                "items scored alike", "vLLM pass (s)"]
     caption = ("evaluation.vllm.tasks: the same local task files, documents and shots through lm-eval's "
-               "`local-completions` model against the variant's vLLM server (prompt logprobs), beside the main "
-               "table's transformers pass on the same checkpoint. A gap under 1 combined standard error is agreement "
-               "within the error bars (the gap is the absolute difference); the items column counts documents the "
-               "two engines scored alike.")
+               "`local-completions` model against the variant's vLLM server (prompt logprobs; "
+               "evaluation.vllm.tasks_concurrency requests in flight of tasks_batch_size prompts each), beside the "
+               "main table's transformers pass on the same checkpoint. A gap under 1 combined standard error is "
+               "agreement within the error bars (the gap is the absolute difference); the items column counts "
+               "documents the two engines scored alike.")
     return Table(headers, rows, caption)
 
 

@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from eval.engines import for_row
-from eval.interleaved import interleave, median_interval, speed_ratio, verdict
+from eval.interleaved import fewest_rounds, interleave, median_interval, speed_ratio, verdict
 from conftest import burners
 
 
@@ -75,3 +75,22 @@ def test_under_a_cpu_burner_the_ratio_holds_and_the_row_is_flagged(tiny_model, t
         halt()
     assert out["contention"]["contended"] and out["rounds_run"] == 10 and out["rounds"] == 10
     assert out["ratio_lo"] <= 1.0 <= out["ratio_hi"]
+
+
+def test_rounds_stop_early_only_when_the_interval_is_tight():
+    """With `width`, a steady ratio stops at the fewest rounds whose [min, max] covers 95% (6); a noisy one, whose
+    interval stays wider than `width` x its median, runs every round; without `width`, every round."""
+    def pair(ratios):  # the baseline decodes in 1 s; the variant's k-th call is ratios[k] times as fast
+        step = iter(ratios)
+        return (lambda: (0.0, 1.0, 11)), (lambda: (0.0, 1.0 / next(step), 11))
+
+    steady = [1.0] + [1.50, 1.51, 1.49, 1.50, 1.52, 1.48, 1.50, 1.50]  # warm-up, then 8 rounds' ratios
+    out = interleave(*pair(steady), new_tokens=11, rounds=8, width=0.05)
+    assert out["rounds_run"] == out["rounds"] == 6 and out["rounds_max"] == 8 and out["stopped_early"]
+    assert out["ratio_lo"] == pytest.approx(1.48) and out["ratio_hi"] == pytest.approx(1.52)
+    noisy = [1.0] + [1.2, 1.6, 1.4, 1.5, 1.3, 1.7, 1.5, 1.5]
+    out = interleave(*pair(noisy), new_tokens=11, rounds=8, width=0.05)
+    assert out["rounds_run"] == 8 and not out["stopped_early"]
+    out = interleave(*pair(steady), new_tokens=11, rounds=8)
+    assert out["rounds_run"] == 8 and not out["stopped_early"]
+    assert fewest_rounds(0.95) == 6 and fewest_rounds(0.99) == 8
