@@ -218,6 +218,7 @@ class Served(_Block):
     speed_ratio: SpeedRatio | None = None
     tasks: dict[str, TaskScore] | None = None
     tasks_seconds: Num | None = None
+    tasks_client: dict | None = None  # lm-eval's client in that pass: requests in flight, prompts per request
     tasks_error: str | None = None
     log: str | None = None
     measure_seconds: Num | None = None

@@ -531,3 +531,47 @@ def test_recipe_rejects_unknown_runtime_paths_and_rows(tmp_path, tiny_model, cal
                         evaluation={"vllm": {"runtime_variants": runtime}})
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_recipe(path)
+
+
+class _FastServer(_SlowServer):
+    """A server that answers every request at once: each greedy request echoes its prompt's first token."""
+
+    pids = staticmethod(lambda: [])
+    port, name = 8000, "baseline"
+
+    def greedy(self, prompt_ids, max_tokens):
+        return [prompt_ids[0]] * max_tokens
+
+    def stream(self, payload: dict, timeout_s: float = 600):
+        n = payload["max_tokens"]
+        return 0.0, [0.01 * (i + 1) for i in range(n)], n
+
+
+def test_a_measured_row_with_tasks_through_vllm_is_a_valid_record(tmp_path, monkeypatch):
+    """Everything served_row.measure writes for a fully measured row, tasks through vLLM included, is a field of
+    the record's Served block (the run validates each row before it publishes it: an unknown key stopped a lab
+    run after its first vLLM row)."""
+    from types import SimpleNamespace
+
+    from compress.options import Evaluation
+    from compress.record import Served
+    from eval import accuracy
+
+    calls = {}
+
+    def fake_tasks(url, name, folder, tasks, data_dir, **kwargs):
+        calls.update(kwargs)
+        return {t: {"metric": "acc", "value": 0.5, "stderr": 0.05, "n": 2, "items": [0.0, 1.0]} for t in tasks}
+
+    monkeypatch.setattr(accuracy, "run_tasks_served", fake_tasks)
+    ev = Evaluation(tasks=["arc_easy"], perplexity=None, data_dir=str(tmp_path),
+                    vllm={"concurrency": [1], "tasks": True, "agreement_tokens": 2, "tasks_batch_size": 4})
+    tokenizer = type("Tok", (), {"__call__": lambda self, text: SimpleNamespace(input_ids=[1, 2, 3]),
+                                 "__len__": lambda self: 100})()
+    reference = {"float32": {"greedy": [[1, 1]] * len(ev.selfcheck_prompts), "perplexity": None}}
+    out = served_row.measure(_FastServer(tmp_path, 0.01), ev=ev,
+                             record={"name": "baseline", "checkpoint": str(tmp_path)}, tokenizer=tokenizer,
+                             ppl_ids=None, reference=reference, run_dtype="float32", bandwidth=None)
+    assert out["status"] == "ok" and out["tasks"]["arc_easy"]["value"] == 0.5, out
+    assert calls["concurrent"] == 8 and calls["batch_size"] == 4
+    Served(**out)  # raises on any key the record does not know
