@@ -376,7 +376,9 @@ class VLLMSettings(_Strict):
     # row below it meets the SLO at no concurrency, and its sweep and ratio would only say so at length (FP8 is
     # emulated on a CPU: benchmarks/results/lab_smollm2_*.md). 0: measure every row whatever its speed
     min_tok_per_sec: float | None = Field(None, ge=0)
-    probe_timeout_s: float = Field(60, gt=0)  # a probe with no token back for this long is "too slow", unmeasured
+    # a first probe (it also pays the engine's set-up) not finished in this long is "too slow", unmeasured; the
+    # second, timed one is stopped as soon as its rate can only be below the floor (4 tokens / floor seconds)
+    probe_timeout_s: float = Field(60, gt=0)
     agreement_tokens: int = Field(32, gt=0)  # greedy tokens compared with transformers per self-check prompt
     perplexity: bool = True  # vLLM's perplexity on the windows of evaluation.perplexity, beside transformers' on them
     # at most this many of those windows (transformers' figure beside it is recomputed on the same ones): vLLM's CPU

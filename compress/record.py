@@ -207,7 +207,8 @@ class Served(_Block):
     load_s: Num | None = None
     kernels: list[str] | None = None
     probe_tok_per_sec: Num | None = None
-    probe_timeout_s: Num | None = None  # "too slow" because the probe had no token back in this long
+    probe_timeout_s: Num | None = None  # "too slow" because the first probe did not finish in this long
+    probe_tok_per_sec_below: Num | None = None  # "too slow": the timed probe was cut once its rate fell below this
     agreement: dict | None = None  # greedy agreement with transformers at the served dtype (eval/agreement.py)
     agreement_vs_float32: dict | None = None  # the same against transformers fp32 (kept beside)
     noise_floor: dict | None = None  # transformers at the served dtype against fp32: what rounding alone does

@@ -60,6 +60,8 @@ def _still_too_slow(cached: dict, s) -> bool | None:
         return False  # every row is measured now
     if cached.get("probe_timeout_s") is not None:
         return s.probe_timeout_s <= cached["probe_timeout_s"]
+    if cached.get("probe_tok_per_sec_below") is not None:  # cut at the floor's deadline: a lower floor may pass it
+        return s.probe_floor() >= cached["probe_tok_per_sec_below"]
     return (cached.get("probe_tok_per_sec") or 0) < s.probe_floor()
 
 

@@ -393,18 +393,45 @@ class Server:
             raise RuntimeError(f"vLLM answered {resp.status}: {body[:300].decode(errors='replace')}")
         return json.loads(body)
 
-    def stream(self, payload: dict, timeout_s: float = 600) -> tuple[float, list[float], int]:
+    def stream(self, payload: dict, timeout_s: float = 600,
+               deadline_s: float | None = None) -> tuple[float, list[float], int]:
         """A streamed completion: (time sent, arrival time of each chunk that carried text, output tokens as the
-        server counted them), all from time.perf_counter()."""
+        server counted them), all from time.perf_counter(). `timeout_s` bounds each wait for the next bytes;
+        `deadline_s` the whole response: past it the connection is closed (vLLM aborts the request) and
+        TimeoutError raised."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
         body = json.dumps({"model": self.name, **payload, "stream": True, "stream_options": {"include_usage": True}})
         sent = time.perf_counter()
+        end = sent + deadline_s if deadline_s is not None else None
+
+        def wait_bound() -> None:  # the next read may wait until the deadline, never past it
+            if end is not None:
+                left = end - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError(f"the response took longer than {deadline_s:g} s")
+                sock.settimeout(min(timeout_s, left))
+
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        sock = conn.sock  # the response reads from it after the connection hands it over (conn.sock is then None)
+        try:
+            wait_bound()
+            resp = conn.getresponse()
+        except TimeoutError:
+            sock.close()
+            raise
         if resp.status != 200:
             raise RuntimeError(f"vLLM answered {resp.status}: {resp.read()[:300].decode(errors='replace')}")
         times, tokens = [], 0
-        while line := resp.readline():
+        while True:
+            try:
+                wait_bound()
+                line = resp.readline()
+            except TimeoutError:
+                resp.close()
+                sock.close()
+                raise
+            if not line:
+                break
             line = line.strip()
             if not line.startswith(b"data:"):
                 continue

@@ -218,13 +218,15 @@ class _SlowServer:
 
     def __init__(self, folder: Path, seconds: float | None):
         self.folder, self.seconds, self.load_s, self.flags, self.timeouts = folder, seconds, 1.0, [], []
+        self.deadlines: list[float | None] = []
 
     def log(self) -> str:
         return LOG
 
-    def stream(self, payload: dict, timeout_s: float = 600):
+    def stream(self, payload: dict, timeout_s: float = 600, deadline_s: float | None = None):
         self.timeouts.append(timeout_s)
-        if self.seconds is None:
+        self.deadlines.append(deadline_s)
+        if self.seconds is None or (deadline_s is not None and self.seconds > deadline_s):
             raise TimeoutError("timed out")
         return 0.0, [self.seconds / 4 * (i + 1) for i in range(4)], 4
 
@@ -235,9 +237,10 @@ class _SlowServer:
 @pytest.mark.parametrize("seconds, floor, status", [(2.0, None, "too slow"), (None, None, "too slow"),
                                                     (0.1, None, "measured"), (2.0, 1.0, "measured")])
 def test_the_speed_probe_stops_a_row_too_slow_to_measure(tmp_path, seconds, floor, status):
-    """Never wait on what is known to fail: a probe below the floor (half the SLO's per-user pace by default, or
-    min_tok_per_sec) or with no token back within probe_timeout_s makes the row "too slow", with its speed and
-    kernel, and nothing else is asked of the server; a faster one goes on to be measured."""
+    """Never wait on what is known to fail: a first probe not finished within probe_timeout_s, or a timed one not
+    finished by the time its rate can only be below the floor (4 tokens / floor: half the SLO's per-user pace by
+    default, or min_tok_per_sec) makes the row "too slow", with its kernel, and nothing else is asked of the
+    server; a faster one goes on to be measured."""
     from types import SimpleNamespace
 
     from compress.options import Evaluation
@@ -255,9 +258,11 @@ def test_the_speed_probe_stops_a_row_too_slow_to_measure(tmp_path, seconds, floo
     out = call()
     assert out["status"] == "too slow" and "CPUWNA16LinearKernel" in out["reason"] and set(server.timeouts) == {5}
     if seconds is None:
-        assert out["probe_timeout_s"] == 5 and "no token back within 5 s" in out["reason"]
-    else:
-        assert out["probe_tok_per_sec"] == pytest.approx(2.0) and "half the SLO's per-user pace" in out["reason"]
+        assert out["probe_timeout_s"] == 5 and "did not finish within 5 s" in out["reason"]
+        assert server.deadlines == [5]
+    else:  # 2 s for 4 tokens: cut at 4 / 5 tok/s = 0.8 s, before it would have finished
+        assert server.deadlines == [5, pytest.approx(0.8)] and out["probe_tok_per_sec_below"] == 5
+        assert "within 0.8 s: below 5 tok/s (half the SLO's per-user pace" in out["reason"]
 
 
 def test_a_cached_too_slow_row_is_measured_again_once_the_settings_let_it_through():
@@ -270,6 +275,51 @@ def test_a_cached_too_slow_row_is_measured_again_once_the_settings_let_it_throug
     assert served._still_too_slow(slow, VLLMSettings(min_tok_per_sec=0)) is False
     assert served._still_too_slow(timed_out, VLLMSettings()) is True
     assert served._still_too_slow(timed_out, VLLMSettings(probe_timeout_s=600)) is False
+    cut = {"status": "too slow", "probe_tok_per_sec_below": 5.0}  # the timed probe cut at the default floor's deadline
+    assert served._still_too_slow(cut, VLLMSettings()) is True
+    assert served._still_too_slow(cut, VLLMSettings(min_tok_per_sec=1)) is False
+
+
+def test_stream_gives_up_at_its_deadline_and_not_before(tmp_path):
+    """Server.stream against a real socket that sends a token every 0.2 s: with deadline_s 0.5 it raises
+    TimeoutError after about 0.5 s (each wait bounded by what is left, though every wait is shorter than
+    timeout_s); without it, every token arrives."""
+    import http.server
+    import threading
+
+    from eval.engines import vllm
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            try:
+                for _ in range(5):
+                    time.sleep(0.2)
+                    self.wfile.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+                    self.wfile.flush()
+                self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": 5}}\n\ndata: [DONE]\n\n')
+            except OSError:  # the client hung up at its deadline
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = vllm.Server({}, tmp_path, [], name="m", log_path=tmp_path / "log")
+        server.port = httpd.server_address[1]
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            server.stream({"prompt": [1]}, timeout_s=5, deadline_s=0.5)
+        assert 0.45 < time.perf_counter() - t0 < 0.9
+        sent, times, tokens = server.stream({"prompt": [1]}, timeout_s=5)
+        assert len(times) == 5 and tokens == 5
+    finally:
+        httpd.shutdown()
 
 
 def test_a_rows_key_holds_its_own_lm_eval_pass_only():
@@ -542,7 +592,7 @@ class _FastServer(_SlowServer):
     def greedy(self, prompt_ids, max_tokens):
         return [prompt_ids[0]] * max_tokens
 
-    def stream(self, payload: dict, timeout_s: float = 600):
+    def stream(self, payload: dict, timeout_s: float = 600, deadline_s: float | None = None):
         n = payload["max_tokens"]
         return 0.0, [0.01 * (i + 1) for i in range(n)], n
 
