@@ -51,7 +51,8 @@ def test_gptq_w4a16_on_smollm2(tmp_path, capsys):
     assert "average" in gptq["recovery"]
     assert gptq["throughput"]["batches"]["1"]["tok_per_sec"] > 0 and gptq["roofline"]["utilisation"] > 0
     sr = gptq["speed_ratio"]  # interleaved with the baseline, with its interval and verdict
-    assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and sr["rounds"] >= 8 and sr["verdict"]
+    assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and sr["verdict"]
+    assert sr["rounds"] >= 8 or (sr["rounds"] >= 6 and sr["stopped_early"])  # 6 only when the interval is tight
     for f in ("report.md", "report.html", "results.csv"):
         assert (tmp_path / "run" / f).is_file()
 

@@ -55,7 +55,8 @@ def test_every_figure_is_measured_and_cached(tmp_path, tiny_model, calib_file, d
     assert "speed_ratio" not in base  # the reference; the others are interleaved with it
     for v in (w4, w8):
         sr = v["speed_ratio"]
-        assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and sr["rounds"] >= 8 and "per_round" not in sr
+        assert sr["ratio_lo"] <= sr["ratio"] <= sr["ratio_hi"] and "per_round" not in sr
+        assert sr["rounds"] >= 8 or (sr["rounds"] >= 6 and sr["stopped_early"])  # 6 only when the interval is tight
         assert sr["verdict"] in ("faster", "slower", "no measurable difference")
     # where the time went, per row and stage, as each figure was made; the report's table sums them
     assert set(base["stage_seconds"]) == {"compress", "load", "perplexity", "tasks", "throughput"}
