@@ -111,7 +111,7 @@ def interleave(run_a, run_b, *, new_tokens: int, rounds: int, retries: int = 0,
                           "others_cpu_share": max(seen["a"]["others_cpu_share"] or 0, seen["b"]["others_cpu_share"] or 0),
                           "steal_share": max(seen["a"]["steal_share"] or 0, seen["b"]["steal_share"] or 0)})
     quiet = [r for r in per_round if not r["contended"]]
-    early = len(quiet) < rounds and tight(quiet_ratios(), width, level)
+    early = len(quiet) < rounds and tight([r["ratio"] for r in quiet], width, level)
     used = quiet if len(quiet) >= rounds or early else per_round
     lo, hi, coverage = median_interval([r["ratio"] for r in used], level)
     used_samples = [s for i, s in enumerate(samples) if per_round[i // 2] in used]

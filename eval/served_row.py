@@ -86,37 +86,34 @@ def measure(server, *, ev, record: dict, tokenizer, ppl_ids, reference: dict, ru
         probe = {"prompt": tokenizer(ev.selfcheck_prompts[0]).input_ids, "max_tokens": 4, "min_tokens": 4,
                  "temperature": 0, "ignore_eos": True}
         kernel = ", ".join(out["kernels"]) or "dense GEMM"
+
+        def too_slow(what: str, below: str, **fields) -> dict:
+            out.update(status="too slow", **fields,
+                       reason=f"served, but {what} ({below}; its kernel: {kernel}): not measured further")
+            log.warning("stage vllm: %s %s", label, out["reason"])
+            return out
+
         # never wait on what is known to be too slow to measure: the first request (which also pays the engine's
         # set-up) gets probe_timeout_s in all; the timed one 4 / floor seconds, past which its rate, prompt
         # included, can only be below the floor (FP8 emulated on a CPU spent 4 minutes on its two probes here)
         try:
             server.stream(probe, timeout_s=s.probe_timeout_s, deadline_s=s.probe_timeout_s)
         except TimeoutError:
-            out.update(status="too slow", probe_timeout_s=s.probe_timeout_s,
-                       reason=f"served, but a 4-token request did not finish within {s.probe_timeout_s:g} s "
-                              f"(below {floor:g} tok/s; its kernel: {kernel}): not measured further")
-            log.warning("stage vllm: %s %s", label, out["reason"])
-            return out
+            return too_slow(f"a 4-token request did not finish within {s.probe_timeout_s:g} s",
+                            f"below {floor:g} tok/s", probe_timeout_s=s.probe_timeout_s)
         deadline_s = min(s.probe_timeout_s, probe["max_tokens"] / floor)
         try:
             sent, times, tokens = server.stream(probe, timeout_s=s.probe_timeout_s, deadline_s=deadline_s)
         except TimeoutError:
-            out.update(status="too slow", probe_tok_per_sec_below=floor,
-                       reason=f"served, but a second 4-token request, prompt included, did not finish within "
-                              f"{deadline_s:.2g} s: below {floor:g} tok/s ({_floor_source(s)}; its kernel: "
-                              f"{kernel}): not measured further")
-            log.warning("stage vllm: %s %s", label, out["reason"])
-            return out
+            return too_slow(f"a second 4-token request, prompt included, did not finish within {deadline_s:.2g} s: "
+                            f"below {floor:g} tok/s", _floor_source(s), probe_tok_per_sec_below=floor)
         # the whole request, prompt included: FP8 emulated on a CPU spent minutes before its first token and then
         # streamed the rest fast, so a decode-only rate let it through to hours of measurement
         probe_tok_per_sec = tokens / (times[-1] - sent) if times and times[-1] > sent else 0.0
         out["probe_tok_per_sec"] = probe_tok_per_sec
         if probe_tok_per_sec < floor:
-            out["status"] = "too slow"
-            out["reason"] = (f"served, but generates at {probe_tok_per_sec:.2f} tok/s here, prompt included (below "
-                             f"{floor:g} tok/s, {_floor_source(s)}; its kernel: {kernel}): not measured further")
-            log.warning("stage vllm: %s %s", label, out["reason"])
-            return out
+            return too_slow(f"generates at {probe_tok_per_sec:.2f} tok/s here, prompt included",
+                            f"below {floor:g} tok/s, {_floor_source(s)}")
     dtype = served_dtype(server.flags, record.get("saved_dtype"))
     prompts = [tokenizer(p).input_ids for p in ev.selfcheck_prompts]
     got = [server.greedy(p, s.agreement_tokens) for p in prompts]

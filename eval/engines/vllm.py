@@ -413,36 +413,33 @@ class Server:
 
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         sock = conn.sock  # the response reads from it after the connection hands it over (conn.sock is then None)
+        resp = None
+        times, tokens = [], 0
         try:
             wait_bound()
             resp = conn.getresponse()
-        except TimeoutError:
+            if resp.status != 200:
+                raise RuntimeError(f"vLLM answered {resp.status}: {resp.read()[:300].decode(errors='replace')}")
+            while True:
+                wait_bound()
+                if not (line := resp.readline()):
+                    break
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+        except TimeoutError:  # the deadline, or one wait past timeout_s: hang up, so that vLLM aborts the request
+            if resp is not None:
+                resp.close()
             sock.close()
             raise
-        if resp.status != 200:
-            raise RuntimeError(f"vLLM answered {resp.status}: {resp.read()[:300].decode(errors='replace')}")
-        times, tokens = [], 0
-        while True:
-            try:
-                wait_bound()
-                line = resp.readline()
-            except TimeoutError:
-                resp.close()
-                sock.close()
-                raise
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                times.append(time.perf_counter())
         conn.close()
         return sent, times, tokens
 
