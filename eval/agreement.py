@@ -64,20 +64,66 @@ def reference(folder: Path, prompts: list[list[int]], n: int, dtypes: list[str],
     import torch
 
     from compress.environment import release_freed_memory
-    from eval import perplexity as ppl_mod
     from eval.engines import transformers as hf
 
     out = {}
     for dtype in dtypes:
         model = hf.load_checkpoint(folder, getattr(torch, dtype), device)
-        value = None
-        if ppl_ids is not None:
-            value = ppl_mod.evaluate_tokens(model, torch.tensor(ppl_ids), context=ppl.context, stride=ppl.stride,
-                                            max_windows=windows)
-        out[dtype] = {"greedy": greedy(model, prompts, n, device), "perplexity": value}
+        out[dtype] = reference_of(model, prompts, n, device, ppl_ids, ppl, windows)
         del model
         release_freed_memory()
     return out
+
+
+def reference_of(model, prompts: list[list[int]], n: int, device: str, ppl_ids, ppl, windows: int | None,
+                 perplexity: dict | None = None) -> dict:
+    """One dtype's reference from a model already loaded: {"greedy", "perplexity"}. `perplexity`: the figure on
+    those windows, already computed by the caller on this very model (eval/perplexity.evaluate_tokens'
+    `prefix_windows`), so it is not computed again."""
+    import torch
+
+    from eval import perplexity as ppl_mod
+
+    value = perplexity
+    if value is None and ppl_ids is not None:
+        ids = ppl_ids if isinstance(ppl_ids, torch.Tensor) else torch.tensor(ppl_ids)
+        value = ppl_mod.evaluate_tokens(model, ids, context=ppl.context, stride=ppl.stride, max_windows=windows)
+    return {"greedy": greedy(model, prompts, n, device), "perplexity": value}
+
+
+class MainPass:
+    """A served row's reference taken by the main pass (eval/measure.py) with the models it loads anyway: the
+    run-dtype model after perplexity (whose first windows' figure that pass already computed: `windows`), the
+    tasks-dtype model after lm-eval. Loading the checkpoint twice more in the vLLM stage for the same figures cost
+    ~28 s a row on the lab (benchmarks/results/lab_smollm2_spr_after.md); what the main pass could not take (a
+    served dtype it never loaded) the vLLM stage still computes. `stored()` is kept in eval/<variant>.json under
+    `inputs` (eval/served_setup.reference_inputs)."""
+
+    def __init__(self, *, inputs: str, dtypes: list[str], prompts: list[list[int]], n: int, device: str, ppl_ids,
+                 ppl, windows: int | None):
+        self.inputs, self.dtypes, self.prompts, self.n, self.device = inputs, dtypes, prompts, n, device
+        self.ppl_ids, self.ppl, self.windows = ppl_ids, ppl, windows
+        self.by_dtype: dict[str, dict] = {}
+        self.seconds = 0.0
+
+    def wants(self, dtype: str) -> bool:
+        return dtype in self.dtypes and dtype not in self.by_dtype
+
+    def take(self, model, dtype: str, perplexity: dict | None = None) -> None:
+        """`dtype`'s reference from `model`; `perplexity`: the main pass's figure on the same windows (None: computed
+        here, or none when vLLM's perplexity is off)."""
+        import time
+
+        t0 = time.perf_counter()
+        if perplexity is not None:
+            perplexity = {k: perplexity[k] for k in ("value", "tokens", "windows", "context", "stride")}
+        self.by_dtype[dtype] = reference_of(model, self.prompts, self.n, self.device, self.ppl_ids, self.ppl,
+                                            self.windows, perplexity if self.ppl_ids is not None else None)
+        self.seconds += time.perf_counter() - t0
+
+    def stored(self) -> dict | None:
+        return {"inputs": self.inputs, "by_dtype": self.by_dtype, "seconds": round(self.seconds, 1)} \
+            if self.by_dtype else None
 
 
 def compare(served_greedy: list[list[int]], served_ppl: dict | None, ref: dict, served_dtype: str,

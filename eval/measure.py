@@ -324,19 +324,27 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
         with timed(seconds, "load"):
             model = engine.load_model(dtype, device)
     result: dict = {"eval_key": key, "quality_seconds": seconds}
+    run_name, tasks_name = str(dtype).removeprefix("torch."), str(tasks_dtype).removeprefix("torch.")
+    served = _served_reference(ev, record, engine, run_name, tok, shared, device)
     if record.get("kv_cache"):
         from eval.kvcache import apply_kv_cache
 
         result["kv_eval"] = apply_kv_cache(model, record)
+    ppl_prefix = None
     if ev.perplexity:
+        prefix = served.windows if served is not None and served.wants(run_name) else None
         with stop.stage(f"measuring {name}'s perplexity"), timed(seconds, "perplexity"):
             if is_base and keep_reference:
                 with ownership.owned_stream(output, reference_rel(ev, base, device, tasks_dtype)) as write:
                     result.update(_perplexity(ev, name, engine, model, tok, shared, is_base=True,
-                                              keep=_float32_to(write)))
+                                              keep=_float32_to(write), prefix_windows=prefix))
             else:
                 result.update(_perplexity(ev, name, engine, model, tok, shared, is_base=is_base,
-                                          reference=reference))
+                                          reference=reference, prefix_windows=prefix))
+        ppl_prefix = result["perplexity"].pop("prefix", None) or result["perplexity"]
+    if served is not None and model is not None and served.wants(run_name):
+        with stop.stage(f"taking {name}'s transformers reference for vLLM ({run_name})"):
+            served.take(model, run_name, ppl_prefix)
     if ev.tasks:
         from eval.accuracy import run_tasks
 
@@ -353,9 +361,30 @@ def measure_variant(recipe: Recipe, output: Path, record: dict, key: str, device
                                         num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
                                         device=device, scorer=ev.task_scorer)
         result["tasks_engine"] = engine.engine.tasks
+        if served is not None and served.wants(tasks_name):
+            with stop.stage(f"taking {name}'s transformers reference for vLLM ({tasks_name})"):
+                served.take(model, tasks_name)
+    if served is not None and served.stored():
+        result["vllm_reference"] = served.stored()
     del model
     result["evaluate_peak_memory_bytes"], result["evaluate_peak_memory_kind"] = peak_memory_bytes(device)
     return result
+
+
+def _served_reference(ev: Evaluation, record: dict, engine: Row, run_dtype: str, tok, shared: dict, device: str):
+    """What this row's vLLM agreement needs from transformers, to be taken with the models this pass loads
+    (eval/agreement.MainPass); None when the row is not served, or its model here is not the checkpoint as vLLM
+    loads it (another engine's scores, a simulated KV format)."""
+    from eval import agreement
+    from eval.served_setup import not_served, ppl_windows, reference_dtypes, reference_inputs
+
+    if ev.vllm is None or not engine.engine.scores_in_model or record.get("kv_cache") or not_served(record):
+        return None
+    with_ppl = bool(ev.perplexity and ev.vllm.perplexity)
+    return agreement.MainPass(inputs=reference_inputs(ev), dtypes=reference_dtypes(record, run_dtype),
+                              prompts=[tok(p).input_ids for p in ev.selfcheck_prompts], n=ev.vllm.agreement_tokens,
+                              device=device, ppl_ids=_ppl_ids(ev, tok, shared) if with_ppl else None,
+                              ppl=ev.perplexity, windows=ppl_windows(ev) if with_ppl else None)
 
 
 def _ppl_ids(ev: Evaluation, tok, shared: dict):
@@ -395,7 +424,7 @@ def _reference(recipe: Recipe, output: Path, base: dict, device: str, dtype, tas
 
 
 def _perplexity(ev: Evaluation, name: str, engine: Row, model, tok, shared: dict, *, is_base: bool,
-                reference=None, keep=None) -> dict:
+                reference=None, keep=None, prefix_windows: int | None = None) -> dict:
     """Perplexity on the recipe's text file in the row's engine and, against the baseline's log-probabilities
     (`reference`), KL and top-1 agreement (the baseline's own: 0 and 100%)."""
     from eval import perplexity
@@ -405,7 +434,8 @@ def _perplexity(ev: Evaluation, name: str, engine: Row, model, tok, shared: dict
     try:
         with engine.scorer(ev.perplexity.context, model) as scorer:
             p = perplexity.evaluate_tokens(scorer, ids, context=ev.perplexity.context, stride=ev.perplexity.stride,
-                                           max_windows=ev.perplexity.max_windows, reference=reference, keep=keep)
+                                           max_windows=ev.perplexity.max_windows, reference=reference, keep=keep,
+                                           prefix_windows=prefix_windows)
     finally:
         if reference is not None:
             reference.close()
@@ -498,7 +528,7 @@ def finish(measured: dict[str, dict], records: dict[str, dict], base_name: str |
     for name, result in measured.items():
         summary = _without_rounds({k: v for k, v in result.items()  # the rounds stay in eval/<variant>.json
                                    if k not in ("eval_key", "speed_key", "vllm_key", "vllm_runtime_keys", "bandwidth",
-                                                "quality_seconds", "speed_seconds")})
+                                                "quality_seconds", "speed_seconds", "vllm_reference")})
         if summary.get("vllm"):
             summary["vllm"] = _without_rounds(summary["vllm"])
         if summary.get("vllm_runtime"):

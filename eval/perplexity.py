@@ -50,13 +50,17 @@ def window_logits(model, window):
 
 
 def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int | None, reference=None,
-                    keep=None) -> dict:
+                    keep=None, prefix_windows: int | None = None) -> dict:
     """Perplexity of `model` on token ids (1-D tensor); with `reference`, also KL and top-1 against the baseline.
 
     `reference` is the baseline model (run on the same windows: two models in memory), or a `ReferenceFile` of the
     log-probabilities its own pass saved with `keep(logp)` (which receives each window's scored log-probabilities
     in order): then a variant is scored with one model in memory, and the figures are the same, since the stored
     numbers are the very float32 values the baseline computes on the same windows.
+
+    `prefix_windows`: also the perplexity of the first that many windows alone (`out["prefix"]`), the very figure a
+    pass with `max_windows=prefix_windows` gives (the same windows, summed in the same order): what the vLLM stage
+    compares its served perplexity with (eval/agreement.py), taken here instead of in a second pass.
     """
     import torch
     from tqdm import tqdm
@@ -64,9 +68,10 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
     nll_sum, count = 0.0, 0
     kl_values, agree = [], 0
     spans = window_spans(len(ids), context, stride, max_windows)
+    prefix = None
     with torch.no_grad():
-        for begin, end, first in tqdm(spans, desc="perplexity" + (" + KL" if reference is not None else ""),
-                                      unit="window", leave=False):
+        for i, (begin, end, first) in enumerate(tqdm(spans, desc="perplexity" + (" + KL" if reference is not None else ""),
+                                      unit="window", leave=False)):
             window = ids[begin:end].unsqueeze(0).to(model.device)
             logp = torch.log_softmax(window_logits(model, window)[:-1].float(), dim=-1)
             targets = window[0, 1:].to(logp.device)
@@ -85,8 +90,13 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
                 kl_values.append(kl_per_token(ref_logp, q_logp).cpu())
                 agree += int((ref_logp.argmax(-1) == q_logp.argmax(-1)).sum())
             count += rows
+            if prefix_windows is not None and i + 1 == min(prefix_windows, len(spans)):
+                prefix = {"value": math.exp(nll_sum / count), "tokens": count, "windows": i + 1, "context": context,
+                          "stride": stride}
     out = {"value": math.exp(nll_sum / count), "tokens": count, "windows": len(spans), "context": context,
            "stride": stride}
+    if prefix is not None:
+        out["prefix"] = prefix
     if reference is not None:
         kl = torch.cat(kl_values).double()
         out["kl"] = {"mean": float(kl.mean()), "stderr": float(kl.std() / math.sqrt(len(kl))) if len(kl) > 1 else 0.0,

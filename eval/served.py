@@ -37,8 +37,8 @@ from pathlib import Path
 from compress import stop
 from eval.pace import Pace
 from eval.served_row import measure
-from eval.served_setup import (env_vars, harness_flags, key, not_served, ppl_windows, row_label, runtime_not_here,
-                               served_dtype)
+from eval.served_setup import (env_vars, harness_flags, key, not_served, ppl_windows, reference_dtypes,
+                               reference_inputs, row_label, runtime_not_here)
 
 log = logging.getLogger("compress")
 
@@ -117,9 +117,12 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                            ready_timeout_s=ev.vllm.ready_timeout_s)
 
     # transformers' side of each row's agreement first (the served dtype and the run's), one model at a time, before
-    # the baseline's decoder (the ratio's reference) is loaded for the whole stage
+    # the baseline's decoder (the ratio's reference) is loaded for the whole stage; what the main pass took already
+    # (eval/agreement.MainPass) is not computed again
     references: dict[str, tuple] = {}  # name: (tokenizer, {dtype: greedy, perplexity})
-    reference_s: dict[str, float] = {}
+    reference_s: dict[str, float] = {}  # spent here
+    main_pass_s: dict[str, float] = {}  # spent by the main pass, counted in the row's vLLM time as well
+    inputs = reference_inputs(ev)
     for name in dict.fromkeys(n for n, _, _ in todo):
         if not_served(records[name]):
             continue
@@ -128,15 +131,22 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
             tok = AutoTokenizer.from_pretrained(records[name]["checkpoint"])
             if ev.perplexity and ev.vllm.perplexity and ppl_ids is None:
                 ppl_ids = tok((Path(ev.data_dir).expanduser() / ev.perplexity.file).read_text()).input_ids
-            dtypes = list(dict.fromkeys([served_dtype(vllm.served_flags(records[name]["serve"]),
-                                                      records[name].get("saved_dtype")), run_dtype]))
-            dtypes = [d if d != "auto" else run_dtype for d in dtypes]
-            log.info("stage vllm: %s in transformers, %s (greedy and perplexity, what vLLM is compared with)", name,
-                     " and ".join(dict.fromkeys(dtypes)))
-            references[name] = tok, agreement.reference(
-                Path(records[name]["checkpoint"]), [tok(p).input_ids for p in ev.selfcheck_prompts],
-                ev.vllm.agreement_tokens, list(dict.fromkeys(dtypes)), device,
-                ppl_ids if ev.vllm.perplexity else None, ev.perplexity, ppl_windows(ev) if ev.perplexity else None)
+            dtypes = reference_dtypes(records[name], run_dtype)
+            stored = measured[name].get("vllm_reference") or {}
+            have = {d: v for d, v in stored.get("by_dtype", {}).items() if d in dtypes} \
+                if stored.get("inputs") == inputs else {}
+            if have:
+                main_pass_s[name] = stored.get("seconds") or 0.0
+                log.info("stage vllm: %s in transformers, %s: taken by the main pass", name, " and ".join(have))
+            missing = [d for d in dtypes if d not in have]
+            if missing:
+                log.info("stage vllm: %s in transformers, %s (greedy and perplexity, what vLLM is compared with)",
+                         name, " and ".join(missing))
+                have.update(agreement.reference(
+                    Path(records[name]["checkpoint"]), [tok(p).input_ids for p in ev.selfcheck_prompts],
+                    ev.vllm.agreement_tokens, missing, device, ppl_ids if ev.vllm.perplexity else None,
+                    ev.perplexity, ppl_windows(ev) if ev.perplexity else None))
+            references[name] = tok, have
         reference_s[name] = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="compress-vllm-"))
     pace = Pace("vllm", len(todo), spent_s=sum(reference_s.values()))
@@ -191,8 +201,9 @@ def serve_all(recipe, output: Path, records: dict[str, dict], measured: dict[str
                 ownership.write_owned(output, log_rel, server.log())
             if runtime is not None:
                 result["runtime"] = runtime
-            result.update(engine=engine,  # the transformers reference's time included, once per checkpoint
-                          measure_seconds=round(time.perf_counter() - t0 + reference_s.pop(name, 0.0), 1))
+            result.update(engine=engine,  # the transformers reference's time included, once per checkpoint,
+                          measure_seconds=round(time.perf_counter() - t0 + reference_s.pop(name, 0.0)
+                                                + main_pass_s.pop(name, 0.0), 1))
             measured[name] = _store(measured[name], runtime, result, vkey)
             ownership.write_owned(output, f"eval/{name}.json", json.dumps(measured[name], indent=2) + "\n")
             pace.row_done(label)

@@ -86,6 +86,27 @@ def ppl_windows(ev) -> int | None:
     return min(caps) if caps else None
 
 
+def reference_dtypes(record: dict, run_dtype: str) -> list[str]:
+    """The dtypes transformers runs a served row's checkpoint in for its agreement (eval/agreement.py): the one vLLM
+    computes in, then the run's."""
+    from eval.engines.vllm import served_flags
+
+    dtypes = [served_dtype(served_flags(record["serve"]), record.get("saved_dtype")), run_dtype]
+    return list(dict.fromkeys(d if d != "auto" else run_dtype for d in dtypes))
+
+
+def reference_inputs(ev) -> str:
+    """What a row's transformers reference depends on beside its checkpoint: the prompts, the greedy length, the
+    perplexity windows and text. The main pass (eval/measure.py) stores the reference it took under this digest; the
+    vLLM stage uses it only while the digest is still the evaluation's."""
+    from eval.perplexity import ppl_file_digest
+
+    blob = {"prompts": ev.selfcheck_prompts, "tokens": ev.vllm.agreement_tokens,
+            "perplexity": ev.perplexity.model_dump() if ev.perplexity and ev.vllm.perplexity else None,
+            "windows": ppl_windows(ev) if ev.perplexity else None, "ppl_file": ppl_file_digest(ev)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def not_served(record: dict) -> str | None:
     """Why a row is not served by vLLM here (None: it is)."""
     from eval.engines import engine_of

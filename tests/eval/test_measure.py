@@ -193,3 +193,39 @@ def test_eval_key_covers_llamacpp_attention_only_for_gguf_rows(data_dir, monkeyp
     monkeypatch.setattr(llamacpp, "FLASH_ATTENTION", not llamacpp.FLASH_ATTENTION)
     after = [evaluate.eval_key(ev, r, "cpu", F32) for r in rows]
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_the_main_pass_takes_a_served_rows_transformers_reference_as_the_vllm_stage_would(tmp_path, tiny_model,
+                                                                                           data_dir):
+    """The vLLM stage's reference (greedy tokens and the first windows' perplexity, in the served dtype and the
+    run's), taken by the main pass with the models it loads anyway: the very figures of loading the checkpoint again
+    per dtype (eval/agreement.reference), the run-dtype perplexity read off the main pass's own windows."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from compress.options import Evaluation
+    from eval import agreement, measure
+    from eval.engines import for_row
+    from eval.served_setup import ppl_windows, reference_inputs
+
+    ev = Evaluation(data_dir=str(data_dir), tasks=["arc_easy"], limit=8, batch_size=4, dtype="bfloat16",
+                    perplexity={"file": "text.raw", "context": 64, "stride": 32, "max_windows": 6}, throughput=None,
+                    selfcheck_prompts=["The quick brown fox", "def add(a, b):"],
+                    vllm={"agreement_tokens": 6, "perplexity_windows": 3})
+    record = {"name": "rtn", "checkpoint": str(tiny_model), "cache_key": "k",
+              "serve": f"vllm serve {tiny_model} --dtype bfloat16"}
+    result = measure.measure_variant(SimpleNamespace(evaluation=ev), tmp_path, record, "key", "cpu", F32,
+                                     torch.bfloat16, None, {"ppl_ids": None})
+    got = result["vllm_reference"]
+    assert got["inputs"] == reference_inputs(ev) and got["seconds"] >= 0
+    assert "prefix" not in result["perplexity"] and result["perplexity"]["windows"] == 6  # the main figure as it was
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    want = agreement.reference(tiny_model, [tok(p).input_ids for p in ev.selfcheck_prompts], 6,
+                               ["bfloat16", "float32"], "cpu", tok((data_dir / "text.raw").read_text()).input_ids,
+                               ev.perplexity, ppl_windows(ev))
+    assert want["float32"]["perplexity"]["windows"] == 3
+    assert got["by_dtype"] == want
+    # a row vLLM does not serve, or one whose KV format transformers only simulates, takes none
+    for other in ({**record, "kv_cache": {"dtype": "int4"}}, {**record, "bnb": {"bits": 4}}):
+        assert measure._served_reference(ev, other, for_row(other), "float32", tok, {"ppl_ids": None}, "cpu") is None

@@ -413,6 +413,9 @@ def test_w4a16_and_w8a8_served_measured_and_reused(tmp_path, vllm_model, calib_f
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["name"]: r for r in results["variants"]}
+    for name in rows:  # the run's fp32 reference came with the main pass; bf16, never loaded there, is computed
+        assert f"{name} in transformers, float32: taken by the main pass" in proc.stderr
+        assert f"{name} in transformers, bfloat16 (greedy and perplexity" in proc.stderr
     for name, r in rows.items():
         v = r["vllm"]
         assert v["status"] == "ok", (name, v.get("reason"))
