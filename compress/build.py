@@ -237,6 +237,7 @@ class RunState:
     remeasure_speed: bool = False
     cwd: str = field(default_factory=os.getcwd)  # relative recipe paths resolve against it, on every node
     only_baseline: bool = False
+    verify_from: dict[str, str] = field(default_factory=dict)  # strict auto variant -> the key its search began at
 
 
 def failed_record(v, error: str, env: dict) -> dict:

@@ -409,6 +409,37 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
     return {n: records[n] for n in names if n in records}, measured, errors
 
 
+def run_one(conn: Connection, state, name: str, base: dict | None,
+            base_measured: dict | None) -> tuple[dict, dict | None, str | None]:
+    """One variant's build and measurement as two tasks, waited for (compress/verify.py's next point): (record,
+    measured figures or None, the measurement's error or None)."""
+    import ray
+
+    from compress.resources import one_line
+
+    s = conn.settings
+    build_ref = ray.remote(max_calls=1)(build_task).options(**_options(s, state.device, name, "build")).remote(
+        state, name)
+    base_refs = (ray.put((base, None)), ray.put((base_measured, None))) if base and base_measured else (None, None)
+    measure_ref = ray.remote(max_calls=1)(measure_task).options(**_options(s, state.device, name, "measure")).remote(
+        state, name, build_ref, *base_refs)
+    try:
+        record, where = ray.get(build_ref)
+    except ray.exceptions.RayError as e:
+        return _failed(state, name, one_line(getattr(e, "cause", None) or e, state.output)), None, None
+    record["cluster"] = {"address": s.address, **({"build": where} if where else {})}
+    try:
+        figures, where = ray.get(measure_ref)
+        if where:
+            record["cluster"]["measure"] = where
+        return record, figures, None
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, InputError):
+            raise cause from None
+        return record, None, str(cause) if type(cause).__name__ == "RowFailed" else one_line(cause, state.output)
+
+
 def _failed(state, name: str, error: str) -> dict:
     from compress.build import failed_record
 

@@ -280,6 +280,12 @@ class VariantBase(_Strict):
         return getattr(self, "bits", None) or 16, getattr(self, "group_size", None)
 
     @property
+    def needs_tasks(self) -> bool:
+        """Whether its build depends on measured task scores (method auto's min_recovery), so the recipe must have
+        evaluation.tasks."""
+        return False
+
+    @property
     def calibrated(self) -> bool:
         """Needs calibration text: the method's own reason, or fp8 KV scales."""
         return bool(self.kv_cache and self.kv_cache.calibrated)

@@ -89,6 +89,9 @@ class Recipe(_Strict):
         needing = [v.name for v in self.variants if v.calibrated]
         if needing and self.calibration is None:
             raise ValueError(f"variants {needing} are calibrated methods; add a `calibration:` section")
+        if (measured := [v.name for v in self.variants if v.needs_tasks]) and not self.evaluation.tasks:
+            raise ValueError(f"variants {measured} search for a min_recovery target, measured on evaluation.tasks; "
+                             f"expected a list of tasks there")
         if not any(v.is_reference for v in self.variants):  # every table has its reference row
             self.variants.insert(0, UnchangedVariant(name=REFERENCE, method=REFERENCE))
             self._baseline_added = True

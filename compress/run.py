@@ -20,7 +20,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from compress import checkpoint, ownership, resources
+from compress import checkpoint, ownership, resources, verify
 from compress.build import RunState, build_variant
 from compress.checks import check_inputs, check_resources
 from compress.keys import cache_key, variant_versions
@@ -114,17 +114,32 @@ def _run_here(state: RunState, results: Results, config) -> int:
 
     records: dict[str, dict] = {}
     windows: dict[tuple, list[list[int]]] = {}  # (samples, seq_len) -> token windows, tokenized once per run
+    verify.resume(state)
     bar = tqdm(state.recipe.variants, desc="variants", unit="variant")
     for v in bar:
         bar.set_postfix_str(v.name)
         records[v.name] = build_variant(state, v, state.env, windows)
         _write(results, records, state.output)
-    failed = sum(r["status"] != "ok" for r in records.values())
     add_kv_memory(state.recipe, records, config)
     if state.recipe.evaluation.enabled:
-        failed += measure(state, records, results)
+        searching = any(verify.strict(v) for v in state.recipe.variants)
+        measure(state, records, results, more_rows=searching)
+
+        def build_and_measure(name: str) -> None:  # verify strict: another frontier point of an auto variant
+            v = next(v for v in state.recipe.variants if v.name == name)
+            records[name] = build_variant(state, v, state.env, windows)
+            add_kv_memory(state.recipe, records, config)
+            measure(state, records, results, more_rows=True)
+
+        verify.step_up(state, records, build_and_measure)
+        if searching:  # every row is measured now: the baseline's KL reference goes (eval/measure.remove_reference)
+            from eval.measure import evaluation_order, remove_reference
+
+            remove_reference(state.recipe, state.output, records.get(evaluation_order(records)[1]), state.device,
+                             state.dtype)
         _write(results, records, state.output)
-    return failed
+    # every failed row (its build or its measurement), and the evaluation as a whole when it failed
+    return sum(r["status"] != "ok" for r in records.values()) + bool(results.evaluation_error)
 
 
 def _progress_writer(state: RunState, results: Results, records: dict[str, dict]):
@@ -156,16 +171,31 @@ def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
         _write(results, {v.name: written[v.name] for v in state.recipe.variants if v.name in written}, state.output)
 
     results.cluster = conn.info()
+    verify.resume(state)
     on_row = _progress_writer(state, results, written)
     base_name = next(v.name for v in state.recipe.variants if v.is_reference)
     records, measured, errors = ray_cluster.run_variants(
         conn, state, on_record, on_measured=lambda measured: on_row(measured, base_name, "measure"))
-    failed = sum(r["status"] != "ok" for r in records.values())
     add_kv_memory(state.recipe, records, config)
+    failed = 0
     if state.recipe.evaluation.enabled:
         names, base_name = evaluation_order(records)
-        remove_reference(state.recipe, state.output, records.get(base_name), state.device, state.dtype)
         finish({n: measured[n] for n in names if n in measured}, records, base_name)
+
+        def build_and_measure(name: str) -> None:  # verify strict: another frontier point of an auto variant
+            records[name], figures, error = ray_cluster.run_one(conn, state, name, records.get(base_name),
+                                                                measured.get(base_name))
+            measured.pop(name, None)
+            if figures is not None:
+                measured[name] = figures
+            elif error is not None:
+                errors.append(f"{name}: {error}")
+            add_kv_memory(state.recipe, records, config)
+            finish({n: measured[n] for n in names if n in measured}, records, base_name)
+            on_record(name, records[name])
+
+        verify.step_up(state, records, build_and_measure)
+        remove_reference(state.recipe, state.output, records.get(base_name), state.device, state.dtype)
         for key, value in run_info(state.recipe.evaluation, measured).items():
             setattr(results, key, value)
         if errors:
@@ -173,7 +203,7 @@ def _run_on_cluster(conn, state: RunState, results: Results, config) -> int:
             results.evaluation_error = "; ".join(errors)
         refresh_cards(records, state.source_info)
     _write(results, records, state.output)
-    return failed
+    return failed + sum(r["status"] != "ok" for r in records.values())
 
 
 def _inputs(recipe: Recipe, source: Source) -> dict[str, Path]:
@@ -196,7 +226,7 @@ def _write(results: Results, records: dict[str, dict], output: Path) -> None:
     ownership.write_owned(output, RESULTS, results.text())
 
 
-def measure(state: RunState, records: dict[str, dict], results: Results) -> int:
+def measure(state: RunState, records: dict[str, dict], results: Results, more_rows: bool = False) -> int:
     """Evaluate every ok variant (eval/measure.py), then refresh the model cards with the figures. Returns the
     number of failures: the variants whose measurement failed (each is a failed row with its reason; the others
     are measured), plus 1 when the evaluation as a whole failed (one line in results.json)."""
@@ -204,10 +234,11 @@ def measure(state: RunState, records: dict[str, dict], results: Results) -> int:
 
     ok_before = {n for n, r in records.items() if r["status"] == "ok"}
     failed = 0
+    results.evaluation_error = None  # this pass's, over every row
     try:
         for key, value in evaluate_run(state.recipe, state.output, records, state.device, state.dtype,
-                                       state.remeasure_speed,
-                                       on_row=_progress_writer(state, results, records)).items():
+                                       state.remeasure_speed, on_row=_progress_writer(state, results, records),
+                                       more_rows=more_rows).items():
             setattr(results, key, value)  # the run's evaluation settings and bandwidth
     except (InputError, KeyboardInterrupt):
         raise

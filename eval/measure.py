@@ -179,15 +179,17 @@ def measure_dtype(ev: Evaluation, device: str, model_dtype) -> tuple:
 
 
 def evaluate_run(recipe: Recipe, output: Path, records: dict[str, dict], device: str, dtype,
-                 remeasure_speed: bool = False, on_row=None) -> dict:
+                 remeasure_speed: bool = False, on_row=None, more_rows: bool = False) -> dict:
     """Measure each ok variant (baseline first), updating `records` in place. Returns run-level figures.
     `remeasure_speed`: time every row again even where its cached speed figures are current. `on_row(measured,
-    base_name, stage)` is called after every row is measured (the run rewrites results.json and the report)."""
+    base_name, stage)` is called after every row is measured (the run rewrites results.json and the report).
+    `more_rows`: rows may follow (compress/verify.py), so the baseline's KL reference stays for them."""
     names, base_name = evaluation_order(records)
     measured: dict[str, dict] = {}
     measure_rows(recipe, output, records, names, base_name, measured, device, dtype, remeasure_speed,
-                 keep_reference=len(names) > 1, on_row=on_row)
-    remove_reference(recipe, output, records.get(base_name), device, dtype)
+                 keep_reference=len(names) > 1 or more_rows, on_row=on_row)
+    if not more_rows:
+        remove_reference(recipe, output, records.get(base_name), device, dtype)
     finish(measured, records, base_name)
     return run_info(recipe.evaluation, measured)
 

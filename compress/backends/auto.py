@@ -43,12 +43,15 @@ UNQUANTIZED = "unquantized"
 
 
 class Target(_Strict):
-    """Exactly one of: average stored bits per quantizable weight (scales included), the checkpoint's size, or the
-    predicted mean per-token KL to the baseline (nats)."""
+    """Exactly one of: average stored bits per quantizable weight (scales included), the checkpoint's size, the
+    predicted mean per-token KL to the baseline (nats), or the measured recovery of the mean task score."""
 
     effective_bits: float | None = Field(None, gt=0)  # mean stored bits per weight of the units, scales included
     max_size_gb: float | None = Field(None, gt=0)  # the checkpoint's weights in GB (1e9 bytes), embeddings included
     max_kl: float | None = Field(None, gt=0)  # the summed predicted KL of the choice (nats per token), at most
+    # the mean task score as % of the baseline's (evaluation.tasks), at least: known only by measuring, so the run
+    # searches for it (verify strict, compress/verify.py), from the smallest choice up
+    min_recovery: float | None = Field(None, gt=0, le=100)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Target":
@@ -76,7 +79,9 @@ class Analysis(_Strict):
 
 
 class AutoVariant(VariantBase):
-    NOT_KEYED: ClassVar[dict[str, str]] = {}
+    NOT_KEYED: ClassVar[dict[str, str]] = {
+        "verify": "decides whether a missed target is built again at another frontier point, not this checkpoint",
+        "max_steps": "bounds how many other points verify: strict builds, not this checkpoint"}
 
     method: Literal["auto"]
     # the candidates per unit: weight-only schemes the algorithm writes (compress formats), and `unquantized`
@@ -87,6 +92,14 @@ class AutoVariant(VariantBase):
     granularity: Literal["linear", "decoder-layer"] = "linear"
     algorithm: str = "gptq"  # the method (METHODS) that calibrates every format group of the checkpoint
     analysis: Analysis = Field(default_factory=Analysis)  # the sensitivity pass
+    # report: a max_kl target that the KL measured on held-out text misses is a row that says by how much; strict:
+    # the run then builds the frontier point that the miss points to, and measures it, until the target is met
+    # (compress/verify.py)
+    verify: Literal["report", "strict"] = "report"
+    max_steps: int = Field(4, gt=0)  # verify strict: at most this many builds after the first
+    # the predicted KL the choice stays within, below target.max_kl: set by verify strict after a measured miss (the
+    # run keeps it in OUTPUT/.verify/<name>.json); a recipe may set it to start there
+    predicted_cap: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _rules(self) -> "AutoVariant":
@@ -111,6 +124,19 @@ class AutoVariant(VariantBase):
             raise field_error("formats", f"each format once, got {self.formats}")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size & (self.group_size - 1)):
             raise field_error("group_size", f"expected a power of two such as 32, 64 or 128, got {self.group_size}")
+        if self.target.kind == "min_recovery":
+            if "verify" in self.model_fields_set and self.verify != "strict":
+                raise field_error("verify", "a min_recovery target is met by measuring the tasks, which is what "
+                                            "strict does: expected verify: strict (the default for this target)")
+            self.verify = "strict"
+        elif self.target.kind != "max_kl":
+            if self.verify == "strict":
+                raise field_error("verify", f"strict checks a max_kl or min_recovery target against what is "
+                                            f"measured on held-out data; a {self.target.kind} target is met by "
+                                            f"construction (its size is exact): expected verify: report")
+            if self.predicted_cap is not None:
+                raise field_error("predicted_cap", f"caps the predicted KL of a max_kl or min_recovery target's "
+                                                   f"choice; this target is {self.target.kind}")
         return self
 
     # --- what the run asks of every variant
@@ -118,8 +144,9 @@ class AutoVariant(VariantBase):
     @property
     def label(self) -> str:
         t = self.target
+        cap = f", predicted KL <= {self.predicted_cap:.4g}" if self.predicted_cap is not None else ""
         return f"auto {t.kind}={t.value:g} ({'/'.join(map(self._format_label, self.formats))} per " \
-               f"{self.granularity}){self._suffix()}"
+               f"{self.granularity}{cap}){self._suffix()}"
 
     @property
     def calibrated(self) -> bool:
@@ -144,10 +171,14 @@ class AutoVariant(VariantBase):
         bits = [16 if f == UNQUANTIZED else SCHEMES[f].stored_bits for f in self.formats]
         return max(bits), (self.group_size if max(bits) < 16 else None)
 
+    @property
+    def needs_tasks(self) -> bool:
+        return self.target.kind == "min_recovery"
+
     def config_errors(self, config, dtype_bits: int) -> list[tuple[str, str]]:
         """A size target no choice reaches, from the config alone (checked before any build)."""
         kind = self.target.kind
-        if kind == "max_kl":  # known only after the sensitivity pass
+        if kind in ("max_kl", "min_recovery"):  # known only after the sensitivity pass, or by measuring
             return []
         model = meta_model(config)
         the_units = sensitivity.units(model, self.granularity, tuple(self.ignore))
@@ -257,10 +288,14 @@ def _sensitivities(job, v: AutoVariant, model, tok, cal: dict, the_units) -> tup
 def choice_for(v: AutoVariant, frontier: choose.Frontier, weights: int, other_bytes: float):
     """The target's point of the frontier, or an InputError naming the closest reachable value."""
     t = v.target
-    if t.kind == "max_kl":
-        picks = frontier.smallest_within(t.value)
+    if t.kind in ("max_kl", "min_recovery"):
+        # max_kl: the smallest choice predicted within it; min_recovery, which only a measurement says: the smallest
+        # choice of all, where compress/verify.py's search starts; predicted_cap: where that search is now
+        cap, what = (v.predicted_cap, "predicted_cap") if v.predicted_cap is not None else \
+            (t.value, "target.max_kl") if t.kind == "max_kl" else (math.inf, "")
+        picks = frontier.smallest_within(cap)
         if picks is None:
-            raise InputError(f"variant {v.name}: target.max_kl {t.value:g} is below the least predicted KL of any "
+            raise InputError(f"variant {v.name}: {what} {cap:g} is below the least predicted KL of any "
                              f"choice, {frontier.min_cost:.4g} (every unit in its best format); expected at least "
                              f"that")
         return picks

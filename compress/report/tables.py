@@ -417,7 +417,8 @@ def auto_table(variants: list[dict]) -> Table | None:
 
     Bits per weight are the stored bits of the quantizable Linears, scales included (the uniform rows' figure from
     their format's table). The predicted KL is the sum of the one-unit damages on calibration windows; the measured
-    KL is the main table's, on the perplexity file. A max_kl target is met when the measured KL is at most it."""
+    KL is the main table's, on the perplexity file. A max_kl target is met when the measured KL is at most it; with
+    verify strict the points the search built on the way are listed (compress/verify.py)."""
     ok = _ok(variants)
     autos = [r for r in ok if r.get("auto")]
     if not autos:
@@ -436,6 +437,10 @@ def auto_table(variants: list[dict]) -> Table | None:
             met = "yes" if a["effective_bits"] <= value else f"no: {a['effective_bits'] - value:+.3f} bits over"
         elif kind == "max_size_gb" and r.get("weights_bytes") is not None:
             met = "yes" if r["weights_bytes"] <= value * 1e9 else f"no: {r['weights_bytes'] / 1e9 - value:+.4f} GB over"
+        elif kind == "min_recovery" and (got := _get(r, "recovery", "average", "pct")) is not None:
+            met = f"yes ({got:.1f}% ≥ {value:g}%)" if got >= value else f"no: {got - value:+.1f} points"
+        if len(steps := (a.get("verify") or {}).get("steps", [])) > 1:  # verify strict built other points
+            met += " (verify strict: " + " → ".join(_verify_step(p) for p in steps) + ")"
         nxt = a.get("next_point")
         s = a["sensitivity"]
         rows.append([r["name"], f"{kind} {value:g}", f"{a['effective_bits']:.3f}",
@@ -453,6 +458,13 @@ def auto_table(variants: list[dict]) -> Table | None:
                f"calibration tokens. Measured: the main table's KL and perplexity on held-out text. "
                f"Uniform rows (same model, same run) for comparison.")
     return Table(headers, rows, caption)
+
+
+def _verify_step(p: dict) -> str:
+    """One point a verify strict search built: its bits and what was measured."""
+    kl = f" KL {p['measured_kl']:.4f}" if p.get("measured_kl") is not None else ""
+    rec = f" recovery {p['recovery_pct']:.1f}%" if p.get("recovery_pct") is not None else ""
+    return f"{p['effective_bits']:.3f} bits{kl}{rec}"
 
 
 def auto_map_table(variants: list[dict]) -> Table | None:

@@ -225,3 +225,29 @@ def test_an_output_folder_a_node_does_not_see_is_exit_2(tmp_path, tiny_model, ca
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(timeout=60)
         cluster.shutdown()
+
+
+def test_verify_strict_builds_its_next_points_as_cluster_tasks(tmp_path, tiny_model, calib_file, data_dir,
+                                                               ray_cluster):
+    """Method auto's verify strict on a cluster (compress/verify.py, cluster.run_one): a point that misses its
+    max_kl target on held-out text is followed by a build task and a measure task of the next point."""
+    auto = {"name": "auto-kl", "method": "auto", "formats": ["W4A16", "W8A16", "unquantized"], "group_size": 32,
+            "target": {"max_kl": 1.0}, "analysis": {"windows": 2, "seq_len": 16}, "predicted_cap": 10.0}
+    ev = {"data_dir": str(data_dir), "tasks": [], "throughput": None,
+          "perplexity": {"file": "text.raw", "context": 64, "stride": 32, "max_windows": 6}}
+    (tmp_path / "a").mkdir()
+    first = write_recipe(tmp_path / "a", tiny_model, calib_file, [VARIANTS[0], auto], evaluation=ev)
+    assert run_mod.run(load_recipe(first), first) == 0  # serial, verify report: the smallest point's measured KL
+    kl0 = _records(tmp_path / "a" / "run")["auto-kl"]["kl"]["mean"]
+    (tmp_path / "b").mkdir()
+    recipe = write_recipe(tmp_path / "b", tiny_model, calib_file,
+                          [VARIANTS[0], {**auto, "target": {"max_kl": kl0 / 2}, "verify": "strict"}], evaluation=ev,
+                          cluster={"cpus_per_variant": 1})
+    lines: list[str] = []
+    assert _finish(_start(recipe, "--cluster", ray_cluster.address), lines) == 0, "".join(lines[-40:])
+    r = _records(tmp_path / "b" / "run")["auto-kl"]
+    steps = r["auto"]["verify"]["steps"]
+    assert steps[0]["measured_kl"] == pytest.approx(kl0) and len(steps) >= 2, r["auto"]["verify"]
+    assert r["cluster"]["build"]["hostname"] and r["kl"]["mean"] == steps[-1]["measured_kl"]
+    assert "stage verify: auto-kl measured KL" in "".join(lines)
+    assert not list((tmp_path / "b" / "run" / "eval").glob("*.f32"))  # the KL reference went at the end

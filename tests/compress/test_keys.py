@@ -73,6 +73,7 @@ CHANGES = {
         "seq_len": (AUTO, {"seq_len": 64}),
         "kv_cache": (AUTO, {"kv_cache": {"dtype": "fp8"}}),
         "distill": (AUTO, {"distill": {"student": {"layers": 2}}}),
+        "predicted_cap": ({**AUTO, "target": {"max_kl": 0.05}}, {"predicted_cap": 0.03}),  # verify strict's next point
     },
 }
 # fields that cannot take another value in a class (its validator refuses them, saying why, or it has one method)
