@@ -47,7 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 REPORT_HTML = DOCS / "examples" / "report.html"
 LAB_RESULTS = "lab_smollm2_epyc.md"  # the lab run the README's table and the example report come from
-LAB_TIMES = ("lab_smollm2_spr_after.md", "lab_smollm2_spr.md", "lab_smollm2_epyc.md")
+LAB_TIMES = ("lab_smollm2_spr_refs.md", "lab_smollm2_spr_after.md", "lab_smollm2_spr.md", "lab_smollm2_epyc.md")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -70,8 +70,8 @@ def evaluate_tokens(model, ids, *, context: int, stride: int, max_windows: int |
     spans = window_spans(len(ids), context, stride, max_windows)
     prefix = None
     with torch.no_grad():
-        for i, (begin, end, first) in enumerate(tqdm(spans, desc="perplexity" + (" + KL" if reference is not None else ""),
-                                      unit="window", leave=False)):
+        desc = "perplexity" + (" + KL" if reference is not None else "")
+        for i, (begin, end, first) in enumerate(tqdm(spans, desc=desc, unit="window", leave=False)):
             window = ids[begin:end].unsqueeze(0).to(model.device)
             logp = torch.log_softmax(window_logits(model, window)[:-1].float(), dim=-1)
             targets = window[0, 1:].to(logp.device)

@@ -94,11 +94,11 @@ class AutoVariant(VariantBase):
     analysis: Analysis = Field(default_factory=Analysis)  # the sensitivity pass
     # report: a max_kl target that the KL measured on held-out text misses is a row that says by how much; strict:
     # the run then builds the frontier point that the miss points to, and measures it, until the target is met
-    # (compress/verify.py)
+    # (compress/verify.py); a min_recovery target is always searched so
     verify: Literal["report", "strict"] = "report"
     max_steps: int = Field(4, gt=0)  # verify strict: at most this many builds after the first
-    # the predicted KL the choice stays within, below target.max_kl: set by verify strict after a measured miss (the
-    # run keeps it in OUTPUT/.verify/<name>.json); a recipe may set it to start there
+    # the predicted KL the choice stays within: set by verify strict after a measured miss (the run keeps it in
+    # OUTPUT/.verify/<name>.json); a recipe may set it to start the search there
     predicted_cap: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")

@@ -373,7 +373,7 @@ def vllm_sweep_table(variants: list[dict]) -> Table | None:
     tpot = f"{1000 * slo['tpot_s']:.0f} ms" if slo and slo.get("tpot_s") else "none"
     headers = ["variant", "concurrency", "requests", "TTFT p50 / p99 (ms)",
                "TPOT p50 / p99 (ms) (server's mean inter-token latency)", "output tok/s",
-               "requests/s", f"goodput req/s (share within SLO)"]
+               "requests/s", "goodput req/s (share within SLO)"]
     caption = (f"In the style of `vllm bench serve`: per level, requests of random token ids (no prefix-cache "
                f"hits) with exactly the set output length, streamed, at most `concurrency` in flight, after one "
                f"warm-up request per slot. TTFT = first streamed token; TPOT = (latency − TTFT) / (tokens − 1); "
