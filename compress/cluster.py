@@ -326,8 +326,6 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
     import ray
 
     from compress.build import cached_record
-    from compress.resources import one_line
-    from eval.measure import RowFailed
 
     s = conn.settings
     check_fits(s, state.device)
@@ -376,16 +374,8 @@ def run_variants(conn: Connection, state, on_record, on_measured=None) -> tuple[
         stage, name = pending.pop(done[0])
         try:
             value, where = ray.get(done[0])
-        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.TaskUnschedulableError, ray.exceptions.RaySystemError) as e:
-            if isinstance(e, ray.exceptions.RayTaskError):  # the variant's own error, raised in its task
-                cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-                if isinstance(cause, InputError):
-                    raise cause from None
-                error = str(cause) if isinstance(cause, RowFailed) else one_line(cause, state.output)
-            else:  # its worker or node died, every retry
-                error = (f"its {stage} task's worker was lost {s.max_retries + 1} time(s) "
-                         f"({type(e).__name__}); cluster.max_retries: {s.max_retries}")
+        except _task_failures() as e:
+            error = _task_error(e, state, s, stage)
             if stage == "build":
                 records[name] = _failed(state, name, error)
                 on_record(name, records[name])
@@ -415,8 +405,6 @@ def run_one(conn: Connection, state, name: str, base: dict | None,
     measured figures or None, the measurement's error or None)."""
     import ray
 
-    from compress.resources import one_line
-
     s = conn.settings
     build_ref = ray.remote(max_calls=1)(build_task).options(**_options(s, state.device, name, "build")).remote(
         state, name)
@@ -425,19 +413,41 @@ def run_one(conn: Connection, state, name: str, base: dict | None,
         state, name, build_ref, *base_refs)
     try:
         record, where = ray.get(build_ref)
-    except ray.exceptions.RayError as e:
-        return _failed(state, name, one_line(getattr(e, "cause", None) or e, state.output)), None, None
+    except _task_failures() as e:
+        return _failed(state, name, _task_error(e, state, s, "build")), None, None
     record["cluster"] = {"address": s.address, **({"build": where} if where else {})}
     try:
         figures, where = ray.get(measure_ref)
         if where:
             record["cluster"]["measure"] = where
         return record, figures, None
-    except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None) or e
+    except _task_failures() as e:
+        return record, None, _task_error(e, state, s, "measure")
+
+
+def _task_failures() -> tuple[type, ...]:
+    """What `ray.get` raises for a task that failed: its own exception, or its worker or node lost every retry."""
+    import ray
+
+    return (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.TaskUnschedulableError, ray.exceptions.RaySystemError)
+
+
+def _task_error(e: BaseException, state, s: ClusterSettings, stage: str) -> str:
+    """The row's error for a failed task (`_task_failures`): the variant's own, raised in its task (an InputError
+    is the run's: raised again), or its worker lost `max_retries + 1` times."""
+    import ray
+
+    from compress.resources import one_line
+    from eval.measure import RowFailed
+
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
         if isinstance(cause, InputError):
             raise cause from None
-        return record, None, str(cause) if type(cause).__name__ == "RowFailed" else one_line(cause, state.output)
+        return str(cause) if isinstance(cause, RowFailed) else one_line(cause, state.output)
+    return (f"its {stage} task's worker was lost {s.max_retries + 1} time(s) ({type(e).__name__}); "
+            f"cluster.max_retries: {s.max_retries}")
 
 
 def _failed(state, name: str, error: str) -> dict:

@@ -39,8 +39,16 @@ def _rel(name: str) -> str:
     return f".verify/{name}.json"
 
 
+def _kl(record: dict) -> float | None:
+    return (record.get("kl") or {}).get("mean")
+
+
+def _recovery_pct(record: dict) -> float | None:
+    return ((record.get("recovery") or {}).get("average") or {}).get("pct")
+
+
 def _recovery_loss(record: dict) -> float | None:
-    pct = ((record.get("recovery") or {}).get("average") or {}).get("pct")
+    pct = _recovery_pct(record)
     return None if pct is None else 100.0 - pct
 
 
@@ -48,7 +56,7 @@ def _recovery_loss(record: dict) -> float | None:
 # the search treats both the same way (a max_kl target's error is the KL; a min_recovery's, the points of mean task
 # score lost against the baseline)
 MEASURED = {
-    "max_kl": (lambda rec: (rec.get("kl") or {}).get("mean"), lambda target: target, "KL"),
+    "max_kl": (_kl, lambda target: target, "KL"),
     "min_recovery": (_recovery_loss, lambda target: 100.0 - target, "recovery loss (points)"),
 }
 
@@ -68,9 +76,10 @@ def missed(record: dict) -> float | None:
     """How far the measured error is above what the target allows (KL in nats, or recovery points); None when met
     or not measured."""
     t, err = _target(record), measured(record)
-    if t is None or err is None or err <= MEASURED[t[0]][1](t[1]):
+    if t is None or err is None:
         return None
-    return err - MEASURED[t[0]][1](t[1])
+    over = err - MEASURED[t[0]][1](t[1])
+    return over if over > 0 else None
 
 
 def next_cap(record: dict) -> float | None:
@@ -92,9 +101,7 @@ def next_cap(record: dict) -> float | None:
 def _step(record: dict, cap: float | None) -> dict:
     a = record["auto"]
     return {"predicted_cap": cap, "effective_bits": a["effective_bits"], "predicted_kl": a["predicted"]["value"],
-            "measured_kl": (record.get("kl") or {}).get("mean"),
-            "recovery_pct": ((record.get("recovery") or {}).get("average") or {}).get("pct"),
-            "met": missed(record) is None}
+            "measured_kl": _kl(record), "recovery_pct": _recovery_pct(record), "met": missed(record) is None}
 
 
 def resume(state) -> None:
