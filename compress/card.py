@@ -109,6 +109,8 @@ def _auto_lines(a: dict) -> list[str]:
              f"calibrated by {a['algorithm']}",
              f"- predicted {a['predicted']['score']} damage {a['predicted']['value']:.4g} (summed one-unit "
              f"{s['score']} on {s['windows']} x {s['seq_len']} calibration tokens; the evaluation below measures it)",
+             *(f"- {f} served by (reference, read from vLLM 0.32's source, not measured here): {ref}"
+               for f, ref in (a.get("vllm_reference") or {}).items()),
              "- format per unit:", "", "| unit | format | weights |", "|---|---|---|"]
     lines += [f"| {u['unit']} | {u['format']} | {u['weights']:,} |" for u in a["units"]]
     return lines + [""]

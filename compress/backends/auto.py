@@ -357,6 +357,9 @@ def _compress_step(facts: dict, job, v: AutoVariant, model, tok, weights, cal):
         "units": [{"unit": u.name, "format": v._format_label(v.formats[j]), "weights": u.weights}
                   for u, j in zip(the_units, picks)],
         "counts": {v._format_label(f): n for f in v.formats if (n := sum(v.formats[j] == f for j in picks))},
+        # where each chosen format runs: a REFERENCE read from vLLM's source (SCHEMES), not measured here
+        "vllm_reference": {v._format_label(f): SCHEMES[f].vllm for f in v.formats
+                           if f != UNQUANTIZED and any(v.formats[j] == f for j in picks)},
         "effective_bits": round(chosen_bytes * 8 / weights_total, 4), "unit_bytes": int(chosen_bytes),
         "other_bytes": int(other), "predicted": {"score": how["score"], "value": frontier.cost_of(picks)},
         "next_point": ({"effective_bits": round(larger[0][0] * 8 / weights_total, 4), "predicted": larger[0][1]}

@@ -257,6 +257,16 @@ def _served_ppl(v: dict) -> str:
     return text
 
 
+def _vllm_reference(record: dict) -> str | None:
+    """Where the variant's format runs, read from vLLM's source (the formats table), per chosen format of an auto
+    variant (whose formats may differ in where they run: W8A16 has no CPU kernel, W4A16 has)."""
+    if ref := (record.get("format") or {}).get("vllm_reference"):
+        return ref
+    a = record.get("auto") or {}
+    return "; ".join(f"{f} ({a['counts'][f]} units): {ref}" for f, ref in (a.get("vllm_reference") or {}).items()) \
+        or None
+
+
 def vllm_table(variants: list[dict]) -> Table | None:
     """Each variant as vLLM served it, and each runtime variant of it as its own row: what vLLM computed (activation
     precision and GEMM of the quantized layers, from vLLM's resolved layer attributes), the kernel it named, greedy
@@ -272,7 +282,7 @@ def vllm_table(variants: list[dict]) -> Table | None:
             what = ("served, not measured" if v["status"] == "too slow" else
                     "not measured" if v.get("runtime") else f"not served ({v['status']})")
             # where the format does run, from the formats table (a reference read from vLLM's source)
-            ref = (r.get("format") or {}).get("vllm_reference")
+            ref = _vllm_reference(r)
             rows.append([label, f"{what}: {v.get('reason') or DASH}",
                          f"reference, not measured: {ref}" if ref else DASH] + [DASH] * 6)
             continue

@@ -259,10 +259,25 @@ def failure_reason(log_text: str) -> str:
             break
         details.append(ln.strip())
     if details:
-        text = text.rstrip(": ") + " — " + "; ".join(details)
+        # "CPUWNA16LinearKernel cannot implement due to: Quant type ..." -> "CPUWNA16LinearKernel: Quant type ...",
+        # so that every kernel's reason fits (the CPU kernel's, which says what it takes, comes last)
+        text = text.rstrip(": ") + " — " + "; ".join(_REFUSED.sub(": ", d) for d in details)
     elif text.endswith("Reasons:"):  # vLLM lists none when no kernel of that kind exists on its platform
         text += " none listed"
-    return text[:400]
+    return _clip(text, REASON_CHARS)
+
+
+REASON_CHARS = 400  # a reason is a table cell: vLLM's exception line and its details, at most this long
+_REFUSED = re.compile(r" cannot implement due to: ")
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` within `limit` characters, cut after its last whole detail ("; ") or word, marked with "…"."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 2]
+    cut = max(head.rfind("; "), head.rfind(" — "))
+    return (head[:cut] if cut > limit // 2 else head.rsplit(" ", 1)[0]).rstrip(" ;,") + " …"
 
 
 def server_env(parent: dict, extra: dict) -> dict:

@@ -114,6 +114,11 @@ def test_report_says_what_was_chosen(auto_run):
     assert "Auto-choose: targets, predicted and measured" in report and "Auto-choose: format per unit" in report
     bits = records["auto-6"]["auto"]["effective_bits"]
     assert f"| auto-6 | effective_bits 6 | {bits:.3f} |" in report
+    # the model card: where each chosen format runs (a reference), beside its unit count
+    a = records["auto-6"]["auto"]
+    assert set(a["vllm_reference"]) == {f for f in a["counts"] if f != "unquantized"}
+    card = (out / "auto-6" / "README.md").read_text()
+    assert all(f"- {f} served by (reference" in card for f in a["vllm_reference"])
 
 
 def test_frontier_plot(auto_run):

@@ -217,6 +217,23 @@ def test_vllm_tables():
     assert "TTFT ≤ 1000 ms and TPOT ≤ 100 ms" in sweep.caption
 
 
+def test_a_failed_auto_row_says_where_each_chosen_format_runs():
+    """An auto checkpoint mixes formats that run in different places (W8A16 has no kernel in vLLM's CPU build, W4A16
+    has): a row vLLM refused names the reference of each chosen format, with its unit count."""
+    from compress.backends.llmcompressor import SCHEMES
+    from compress.report.tables import vllm_table
+
+    auto = {"name": "auto-6bit", "method": "auto", "status": "ok",
+            "auto": {"counts": {"W4A16-g64": 65, "W8A16-g64": 55},
+                     "vllm_reference": {"W4A16-g64": SCHEMES["W4A16"].vllm, "W8A16-g64": SCHEMES["W8A16"].vllm}},
+            "vllm": {"status": "failed", "reason": "ValueError: Failed to find a kernel",
+                     "engine": {"vllm": "0.32.0", "build": "cpu"}}}
+    ref = _cells(vllm_table([auto]))["auto-6bit"]["kernel vLLM named (its log)"]
+    assert ref == (f"reference, not measured: W4A16-g64 (65 units): {SCHEMES['W4A16'].vllm}; "
+                   f"W8A16-g64 (55 units): {SCHEMES['W8A16'].vllm}")
+    assert "CPU: none (CPUWNA16 takes uint4/uint4b8 only)" in ref
+
+
 def test_vllm_tasks_table_pairs_each_task_with_the_transformers_pass():
     from compress.report.tables import vllm_tasks_table
 

@@ -75,8 +75,17 @@ def test_failure_reason_is_the_root_cause_with_its_details():
            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
     assert vllm.failure_reason(log) == (
         "ValueError: Failed to find a kernel that can implement the WNA16 linear layer. Reasons — "
-        "Dynamic4bitLinearKernel cannot implement due to: Unsupported quant type uint8b128; "
-        "CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16")
+        "Dynamic4bitLinearKernel: Unsupported quant type uint8b128; "
+        "CPUWNA16LinearKernel: Quant type (uint8b128) not supported by CPUWNA16")
+
+
+def test_a_long_reason_ends_at_a_whole_detail():
+    """A reason is one table cell: past its length it ends after the last whole detail, never inside a word."""
+    details = "".join(f" Kernel{i}LinearKernel cannot implement due to: needs feature number {i} of this CPU\n"
+                      for i in range(12))
+    reason = vllm.failure_reason("ValueError: Failed to find a kernel. Reasons: \n" + details)
+    assert len(reason) <= vllm.REASON_CHARS and reason.endswith("of this CPU …")
+    assert "Kernel0LinearKernel: needs feature number 0 of this CPU; Kernel1LinearKernel" in reason
 
 
 def test_server_env_drops_our_thread_settings():
