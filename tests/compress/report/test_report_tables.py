@@ -217,6 +217,24 @@ def test_vllm_tables():
     assert "TTFT ≤ 1000 ms and TPOT ≤ 100 ms" in sweep.caption
 
 
+def test_a_mixed_checkpoint_names_the_kernel_of_each_group():
+    """An auto checkpoint served by vLLM: its quantized layers' kernel and its unquantized decoder layers' GEMM, each
+    with its count of vLLM's (fused) layers; the embedding and the head are not decoder layers."""
+    from compress.report.tables import _path
+
+    groups = [{"layers": "model.embed_tokens", "count": 1, "gemm": "embedding lookup", "quantized": False},
+              {"layers": "model.layers.*.mlp.down_proj", "count": 27, "gemm": "cpu_gemm_wna16 (W4A16, isa amx)",
+               "quantized": True},
+              {"layers": "model.layers.*.mlp.down_proj", "count": 3, "gemm": "oneDNN", "quantized": False},
+              {"layers": "model.layers.*.self_attn.o_proj", "count": 1, "gemm": "sgl-kernel (AMX)", "quantized": False},
+              {"layers": "lm_head", "count": 1, "gemm": "oneDNN", "quantized": False}]
+    cp = {"dtype": "bfloat16", "label": "bfloat16 activations", "own_scheme": True, "groups": groups}
+    assert _path({"compute_path": cp}) == ("bfloat16 activations: cpu_gemm_wna16 (W4A16, isa amx) (27 layers); "
+                                           "unquantized, bfloat16 (4 layers): oneDNN; sgl-kernel (AMX)")
+    uniform = {**cp, "groups": [g for g in groups if g["quantized"] or ".layers." not in g["layers"]]}
+    assert _path({"compute_path": uniform}) == "bfloat16 activations: cpu_gemm_wna16 (W4A16, isa amx)"
+
+
 def test_a_failed_auto_row_says_where_each_chosen_format_runs():
     """An auto checkpoint mixes formats that run in different places (W8A16 has no kernel in vLLM's CPU build, W4A16
     has): a row vLLM refused names the reference of each chosen format, with its unit count."""
