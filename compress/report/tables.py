@@ -232,8 +232,9 @@ def _path(v: dict) -> str:
     quantized = [g for g in cp["groups"] if g["quantized"]]
     gemms = "; ".join(dict.fromkeys(g["gemm"] for g in (quantized or cp["groups"])))
     own = "" if cp["own_scheme"] else " — NOT the checkpoint's scheme"
-    # a mixed checkpoint (method auto) also leaves decoder layers unquantized: their GEMM is its other kernel
-    kept = [g for g in cp["groups"] if not g["quantized"] and ".layers." in g["layers"]]
+    # a mixed checkpoint (method auto) also leaves decoder layers unquantized (numbered: the probe's pattern holds
+    # ".*."; the embedding and the head do not): their GEMM is its other kernel
+    kept = [g for g in cp["groups"] if not g["quantized"] and ".*." in g["layers"]]
     if quantized and kept:
         def n(gs):
             return sum(g.get("count") or 0 for g in gs)
